@@ -1,0 +1,18 @@
+"""diffrl: reinforcement-learning alignment of diffusion and flow-matching generators.
+
+The math lives in small pure-torch modules: ``sde`` (steps with log-probs), ``schedule`` (sigmas, SDE windows),
+``tree`` (branching trees), ``rollout`` (the batched tree rollout engine), ``advantages``, ``loss`` and ``guidance``.
+"""
+from diffrl.advantages import depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages
+from diffrl.guidance import rl_guidance
+from diffrl.loss import policy_loss
+from diffrl.rollout import tree_rollout
+from diffrl.sde import ddim_step, gaussian_log_prob, sde_step
+from diffrl.tree import TreeSchedule
+from diffrl.types import StepOut, Transitions, TreeRollout
+
+__version__ = "0.1.0"
+__all__ = [
+    "StepOut", "Transitions", "TreeRollout", "TreeSchedule", "ddim_step", "depthwise_advantages", "gaussian_log_prob",
+    "gdpo_advantages", "group_advantages", "policy_loss", "rl_guidance", "rloo_advantages", "sde_step", "tree_rollout",
+]

@@ -1,0 +1,116 @@
+"""The denoising-step policy loss (layer L1: pure torch). papers.md part 1 (a).
+
+Clip range convention. Log-probs are reduced over the ``D`` elements of a latent (mean by default, as the anchors
+do). Under a small policy change, the per-element log-ratios are independent, so the spread of the mean log-ratio
+shrinks like 1/sqrt(D) and that of the summed one grows like sqrt(D): a fixed PPO epsilon means different things
+at different resolutions (hence the anchors' 1e-4 .. 1e-5, retuned per resolution). diffrl's ``clip_range`` is the
+epsilon of a one-element action; the loss applies ``effective_clip_range`` = clip_range / sqrt(D) to mean-reduced
+log-probs (clip_range * sqrt(D) to summed ones), so the clipped fraction is the same at every resolution.
+Converting an anchor's epsilon_a tuned at D_a elements: ``clip_range = epsilon_a * sqrt(D_a)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from diffrl.advantages import clip_advantages
+from diffrl.sde import append_dims, reduce_elements
+
+
+def effective_clip_range(clip_range: float, num_elements: int, reduction: str = "mean") -> float:
+    """The ratio clip actually applied: clip_range / sqrt(D) for ``mean`` log-probs, clip_range * sqrt(D) for ``sum``."""
+    if num_elements < 1:
+        raise ValueError(f"num_elements must be >= 1, got {num_elements}")
+    scale = math.sqrt(num_elements)
+    return clip_range / scale if reduction == "mean" else clip_range * scale
+
+
+def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per element = (mean - ref_mean)^2 / (2 std^2), reduced: ``[B]``.
+
+    mean, ref_mean: ``[B, ...]``; std: ``[B]`` > 0 (the two transition kernels share it).
+    """
+    s = append_dims(std.float(), mean.ndim)
+    return reduce_elements((mean.float() - ref_mean.float()) ** 2 / (2 * s**2), reduction)
+
+
+def ratio_norm_log_ratio(log_ratio: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor, num_elements: int) -> Tensor:
+    """GRPO-Guard RatioNorm (papers.md (a)): s [log_ratio + ||mean - old_mean||^2 / (2 D s^2)], s = std ``[E]``.
+
+    Removes the deterministic negative bias of the mean-reduced log-ratio and rescales its spread by the step's std.
+    ``mean``/``old_mean``: ``[E, ...]``. Returns ``[E]``.
+    """
+    s = std.float()
+    bias = (mean.float() - old_mean.float()).pow(2).flatten(1).sum(1) / (2 * num_elements * s**2)
+    return s * (log_ratio + bias)
+
+
+@dataclass
+class LossStats:
+    """Diagnostics of one policy-loss evaluation (floats, detached)."""
+
+    policy_loss: float
+    kl: float
+    clip_frac: float
+    approx_kl: float
+    ratio_mean: float
+    ratio_max: float
+    adv_mean: float
+    adv_std: float
+
+
+def policy_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float,
+    num_elements: int,
+    reduction: str = "mean",
+    adv_clip: Optional[float] = None,
+    weights: Optional[Tensor] = None,
+    kl_weight: float = 0.0,
+    mean: Optional[Tensor] = None,
+    ref_mean: Optional[Tensor] = None,
+    std: Optional[Tensor] = None,
+    ratio_norm: bool = False,
+    old_mean: Optional[Tensor] = None,
+) -> tuple[Tensor, LossStats]:
+    """PPO clipped surrogate per transition plus beta * KL to the reference (papers.md (a)).
+
+    log_prob, old_log_prob, advantages: ``[E]``. L = wmean(max(-A rho, -A clip(rho, 1 - c, 1 + c))) + beta wmean(KL)
+    with rho = exp(log_prob - old_log_prob), c = ``effective_clip_range(clip_range, num_elements, reduction)``,
+    KL = ``gaussian_kl(mean, ref_mean, std)`` (needs those three when ``kl_weight > 0``), ``weights`` ``[E]``
+    (default 1) for the weighted mean. ``ratio_norm`` applies GRPO-Guard RatioNorm (needs mean, old_mean, std).
+    Returns a scalar loss and ``LossStats``.
+    """
+    adv = clip_advantages(advantages.float(), adv_clip)
+    log_ratio = log_prob.float() - old_log_prob.float()
+    if ratio_norm:
+        if mean is None or old_mean is None or std is None:
+            raise ValueError("ratio_norm needs mean, old_mean and std")
+        log_ratio = ratio_norm_log_ratio(log_ratio, mean, old_mean, std, num_elements)
+    ratio = torch.exp(log_ratio)
+    c = effective_clip_range(clip_range, num_elements, reduction)
+    per = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - c, 1 + c))
+    w = torch.ones_like(per) if weights is None else weights.float()
+    wmean = lambda t: (t * w).sum() / w.sum().clamp_min(1e-12)  # noqa: E731
+    loss = wmean(per)
+    kl = torch.zeros((), device=per.device)
+    if kl_weight > 0:
+        if mean is None or ref_mean is None or std is None:
+            raise ValueError("kl_weight > 0 needs mean, ref_mean and std")
+        kl = wmean(gaussian_kl(mean, ref_mean, std, reduction))
+        loss = loss + kl_weight * kl
+    with torch.no_grad():
+        stats = LossStats(
+            policy_loss=float(wmean(per)), kl=float(kl), clip_frac=float(wmean(((ratio - 1).abs() > c).float())),
+            approx_kl=float(wmean(0.5 * log_ratio**2)), ratio_mean=float(wmean(ratio)), ratio_max=float(ratio.max()),
+            adv_mean=float(adv.mean()), adv_std=float(adv.std(unbiased=False)),
+        )
+    return loss, stats
+

@@ -1,0 +1,123 @@
+"""The rollout engine: advance every active node of every tree together, one denoising step at a time.
+
+It only needs a velocity function over a batch, so the same code serves a toy field, a tiny model and a 12B
+transformer (adapters wrap their model as such a function). Flat GRPO is ``TreeSchedule(T)`` with G tree seeds.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from diffrl.sde import SDE_KINDS, sde_step
+from diffrl.tree import TreeSchedule, step_noise
+from diffrl.types import Transitions, TreeRollout
+
+VelocityFn = Callable[..., Tensor]
+"""``velocity(x [n, ...], sigma [n])`` or, when the rollout is given ``cond``, ``velocity(x, sigma, cond_rows)``
+where ``cond_rows`` is ``cond`` indexed by each row's tree (a tensor, or a dict of tensors indexed alike)."""
+
+
+def _index_cond(cond: Any, rows: Tensor) -> Any:
+    if isinstance(cond, dict):
+        return {k: _index_cond(v, rows) for k, v in cond.items()}
+    return cond[rows.to(cond.device)] if isinstance(cond, Tensor) else [cond[i] for i in rows.tolist()]
+
+
+def evaluate_velocity(
+    velocity: VelocityFn, x: Tensor, sigma: Tensor, tree: Tensor, cond: Any = None, max_batch: Optional[int] = None
+) -> Tensor:
+    """Call ``velocity`` on ``x [n, ...]`` in chunks of at most ``max_batch`` rows; returns ``[n, ...]``."""
+    size = max_batch or x.shape[0]
+    outs = []
+    for i in range(0, x.shape[0], size):
+        sl = slice(i, i + size)
+        args = (x[sl], sigma[sl]) if cond is None else (x[sl], sigma[sl], _index_cond(cond, tree[sl]))
+        outs.append(velocity(*args))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def tree_rollout(
+    velocity: VelocityFn,
+    schedule: TreeSchedule,
+    sigmas: Tensor,
+    tree_seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    *,
+    kind: str = "flow",
+    noise_level: float = 0.7,
+    split_noise_scale: float = 1.0,
+    sde_steps: Optional[Tensor] = None,
+    cond: Any = None,
+    max_batch: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> TreeRollout:
+    """Roll out ``len(tree_seeds)`` trees of ``schedule`` through ``velocity`` and record every edge.
+
+    sigmas: ``[T + 1]`` from 1 to 0. latent_shape: one latent without the batch dim. sde_steps: ``[T]`` bool, the
+    stochastic steps (default all); the others are ODE steps and must not be split steps. split_noise_scale: the
+    std multiplier lambda at split steps (the child's log-prob uses the scaled std). All trees advance together:
+    step ``k`` makes one batched call over the ``n_trees * A_k`` active nodes, so each shared prefix is computed once.
+    Noise comes from ``step_noise(seed, k, ...)``: the same seeds reproduce the same tree.
+    """
+    T = schedule.num_steps
+    if sigmas.shape != (T + 1,):
+        raise ValueError(f"sigmas must have shape ({T + 1},) for {T} steps, got {tuple(sigmas.shape)}")
+    if kind not in SDE_KINDS:
+        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {SDE_KINDS}")
+    sde = torch.ones(T, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
+    if kind == "ode":
+        sde = torch.zeros(T, dtype=torch.bool)
+    bad = [s for s in schedule.split_steps if not sde[s]]
+    if bad:
+        raise ValueError(f"split steps {bad} are deterministic (ODE) steps: branching there makes identical children")
+    n_trees = len(tree_seeds)
+    shape = tuple(latent_shape)
+    x = torch.cat([step_noise(s, -1, 1, shape) for s in tree_seeds]).to(device=device, dtype=dtype)
+    records: list[dict[str, Tensor]] = []
+    nfe = 0
+    for k in range(T):
+        a_k, b = len(schedule.step_nodes[k]), schedule.branch[k]
+        tree = torch.arange(n_trees).repeat_interleave(a_k)
+        sigma = sigmas[k].expand(x.shape[0]).to(x.device, torch.float32)
+        v = evaluate_velocity(velocity, x, sigma, tree, cond, max_batch)
+        nfe += x.shape[0]
+        x_rep, v_rep = x.repeat_interleave(b, 0), v.repeat_interleave(b, 0)
+        sigma_rep = sigma.repeat_interleave(b)
+        sigma_next = sigmas[k + 1].expand(x_rep.shape[0]).to(x.device, torch.float32)
+        scale = split_noise_scale if b > 1 else 1.0
+        step_kind = kind if sde[k] else "ode"
+        noise = None
+        if step_kind != "ode":
+            noise = torch.cat([step_noise(s, k, a_k * b, shape) for s in tree_seeds]).to(x.device)
+        out = sde_step(x_rep, v_rep, sigma_rep, sigma_next, kind=step_kind, noise_level=noise_level, noise=noise,
+                       noise_scale=scale)
+        records.append(_edge_record(schedule, k, n_trees, x_rep, out, sigma_rep, sigma_next, scale))
+        x = out.x_next
+    transitions = Transitions(**{f: torch.cat([r[f] for r in records]) for f in records[0]})
+    leaves = x.reshape(n_trees, schedule.num_leaves, *shape)
+    return TreeRollout(leaves=leaves, leaf_ids=schedule.leaves.clone(), transitions=transitions, nfe=nfe)
+
+
+def _edge_record(schedule: TreeSchedule, k: int, n_trees: int, x: Tensor, out, sigma: Tensor, sigma_next: Tensor,
+                 scale: float) -> dict[str, Tensor]:
+    """The ``Transitions`` fields of the ``n_trees * A_k * b_k`` edges created at step ``k``."""
+    n, dev = x.shape[0], x.device
+    children = schedule.step_children[k].repeat(n_trees)
+    log_prob = out.log_prob if out.log_prob is not None else torch.zeros(n, device=dev)
+    return dict(
+        x=x, x_next=out.x_next, mean=out.mean, std=out.std, log_prob=log_prob, sigma=sigma, sigma_next=sigma_next,
+        step=torch.full((n,), k, dtype=torch.long, device=dev), depth=torch.full((n,), k + 1, dtype=torch.long, device=dev),
+        tree=torch.arange(n_trees, device=dev).repeat_interleave(n // n_trees), parent=schedule.parent[children].to(dev),
+        child=children.to(dev), noise_scale=torch.full((n,), scale, device=dev), stochastic=out.std > 0,
+    )
+
+
+def trained_edges(transitions: Transitions, train_steps: Optional[Tensor] = None) -> Tensor:
+    """``[E]`` bool: stochastic edges whose step is in ``train_steps`` (``[T]`` bool; all steps when None)."""
+    mask = transitions.stochastic.clone()
+    if train_steps is not None:
+        mask &= train_steps.bool().to(mask.device)[transitions.step]
+    return mask

@@ -1,0 +1,138 @@
+"""Benchmark: how much does diffrl's pure-torch math cost next to a (tiny) model's forward passes?
+
+Rolls out a 16-leaf, 20-step BranchGRPO tree (``TreeSchedule(20, [0, 3, 6, 9])``, branch 2, nfe 203 per tree)
+through a randomly initialised diffusers ``SD3Transformer2DModel`` at diffusers' fast-test scale, on the CPU, and
+times (median over ``--repeats``, ``time.perf_counter``):
+
+  model forward      sum of the velocity calls made by ``tree_rollout`` (timer wrapped around the model);
+  rollout overhead   ``tree_rollout`` wall time minus model forward: tree bookkeeping, cond indexing, SDE steps,
+                     noise generation and edge records;
+  advantages         ``tree_node_values`` (mean and prob fusion) + ``depthwise_advantages`` + the per-edge gather;
+  loss               ``trained_edges`` + ``policy_loss`` (kl_weight > 0) forward and backward on detached leaf
+                     log-probs / means with requires_grad (the model is not in the graph).
+
+Prints a markdown table and a final JSON line. Run: ``python scripts/bench_math.py [--trees N] [--repeats N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import Tensor
+
+from diffrl.advantages import depthwise_advantages, tree_node_values
+from diffrl.loss import policy_loss
+from diffrl.rollout import trained_edges, tree_rollout
+from diffrl.schedule import flow_sigmas
+from diffrl.tree import TreeSchedule
+from diffrl.types import TreeRollout
+
+LATENT = (4, 32, 32)
+TEXT_LEN, TEXT_DIM, POOLED_DIM = 8, 32, 64
+
+
+def tiny_sd3() -> SD3Transformer2DModel:
+    """A random-init SD3 transformer at diffusers' fast-test scale."""
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=32,
+        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=64,
+    ).eval()
+
+
+class TimedVelocity:
+    """``velocity(x, sigma, cond) -> v`` around the model (timestep = sigma * 1000, as SD3); accumulates call time."""
+
+    def __init__(self, model: SD3Transformer2DModel) -> None:
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        t0 = time.perf_counter()
+        v = self.model(hidden_states=x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"],
+                       timestep=sigma * 1000, return_dict=False)[0]
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return v
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def advantages_step(ro: TreeRollout, sched: TreeSchedule, rewards: Tensor) -> Tensor:
+    """Node values (both fusions) and depth-wise advantages; returns the per-edge advantage of the prob fusion."""
+    tr = ro.transitions
+    edge_lp = rewards.new_zeros(rewards.shape[0], sched.num_nodes)
+    edge_lp[tr.tree, tr.child] = tr.log_prob
+    depthwise_advantages(tree_node_values(rewards, sched, fusion="mean"), sched)
+    adv = depthwise_advantages(tree_node_values(rewards, sched, fusion="prob", edge_log_probs=edge_lp), sched)
+    return adv[tr.tree, tr.child]
+
+
+def loss_step(ro: TreeRollout, edge_adv: Tensor) -> float:
+    """policy_loss with KL over every trained edge, forward + backward on leaf tensors (no model)."""
+    tr = ro.transitions
+    m = trained_edges(tr)
+    lp = (tr.log_prob[m] + 1e-3 * torch.randn(int(m.sum()))).detach().requires_grad_(True)
+    mean = tr.mean[m].detach().requires_grad_(True)
+    ref_mean = (tr.mean[m] + 1e-3 * torch.randn_like(tr.mean[m])).detach()
+    loss, stats = policy_loss(lp, tr.log_prob[m], edge_adv[m], clip_range=1e-2, num_elements=tr.x[0].numel(),
+                              kl_weight=0.04, mean=mean, ref_mean=ref_mean, std=tr.std[m])
+    loss.backward()
+    return stats.policy_loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", type=int, default=1, help="trees rolled out together (one prompt each)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    sched, sigmas = TreeSchedule(20, [0, 3, 6, 9], 2), flow_sigmas(20, shift=3.0)
+    vel = TimedVelocity(tiny_sd3())
+    cond = {"text": torch.randn(args.trees, TEXT_LEN, TEXT_DIM), "pooled": torch.randn(args.trees, POOLED_DIM)}
+    rows: dict[str, list[float]] = {"model": [], "rollout": [], "adv": [], "loss": []}
+    for rep in range(args.repeats + 1):  # repetition 0 is a warm-up (allocator, leaf_matrix cache), not recorded
+        vel.seconds = 0.0
+        seeds = [1000 * rep + t for t in range(args.trees)]
+        with torch.no_grad():
+            t_roll, ro = timed(lambda: tree_rollout(vel, sched, sigmas, seeds, LATENT, cond=cond))
+        rewards = torch.randn(args.trees, sched.num_leaves)
+        with torch.no_grad():
+            t_adv, edge_adv = timed(lambda: advantages_step(ro, sched, rewards))
+        t_loss, _ = timed(lambda: loss_step(ro, edge_adv))
+        if rep:
+            for k, v in zip(rows, (vel.seconds, t_roll, t_adv, t_loss)):
+                rows[k].append(1e3 * v)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    model_ms, overhead_ms = med["model"], statistics.median(r - m for r, m in zip(rows["rollout"], rows["model"]))
+    math_ms = overhead_ms + med["adv"] + med["loss"]
+    print(f"{sched!r}, trees={args.trees}, repeats={args.repeats}, latent={list(LATENT)}, "
+          f"nfe={ro.nfe}, velocity calls/rollout={vel.calls // (args.repeats + 1)}\n")
+    print("| component | ms | % of model forward |\n|---|---:|---:|")
+    table = [("model forward (sum of velocity calls)", model_ms), ("rollout overhead (bookkeeping + SDE + noise)",
+             overhead_ms), ("advantages (node values x2 + depthwise)", med["adv"]),
+             ("loss (policy_loss + KL, fwd + bwd)", med["loss"]), ("**math total**", math_ms)]
+    for name, ms in table:
+        print(f"| {name} | {ms:.2f} | {100 * ms / model_ms:.2f}% |")
+    print(json.dumps({
+        "model_forward_ms": round(model_ms, 3), "rollout_overhead_ms": round(overhead_ms, 3),
+        "advantages_ms": round(med["adv"], 3), "loss_ms": round(med["loss"], 3), "math_total_ms": round(math_ms, 3),
+        "math_fraction": round(math_ms / model_ms, 5), "leaves": sched.num_leaves * args.trees, "nfe": ro.nfe,
+        "machine": f"{platform.processor() or platform.machine()} / {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
