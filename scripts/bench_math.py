@@ -8,8 +8,8 @@ times (median over ``--repeats``, ``time.perf_counter``):
   rollout overhead   ``tree_rollout`` wall time minus model forward: tree bookkeeping, cond indexing, SDE steps,
                      noise generation and edge records;
   advantages         ``tree_node_values`` (mean and prob fusion) + ``depthwise_advantages`` + the per-edge gather;
-  loss               ``trained_edges`` + ``policy_loss`` (kl_weight > 0) forward and backward on detached leaf
-                     log-probs / means with requires_grad (the model is not in the graph).
+  loss               ``policy_loss`` (kl_weight > 0) forward and backward over all ``trained_edges``, on detached
+                     leaf log-probs / means with requires_grad (the model is not in the graph; setup untimed).
 
 Prints a markdown table and a final JSON line. Run: ``python scripts/bench_math.py [--trees N] [--repeats N]``.
 """
@@ -78,15 +78,18 @@ def advantages_step(ro: TreeRollout, sched: TreeSchedule, rewards: Tensor) -> Te
     return adv[tr.tree, tr.child]
 
 
-def loss_step(ro: TreeRollout, edge_adv: Tensor) -> float:
-    """policy_loss with KL over every trained edge, forward + backward on leaf tensors (no model)."""
+def loss_inputs(ro: TreeRollout, edge_adv: Tensor) -> dict[str, Tensor]:
+    """The trained edges' tensors as detached leaves (log_prob, mean with requires_grad): no model in the graph."""
     tr = ro.transitions
     m = trained_edges(tr)
-    lp = (tr.log_prob[m] + 1e-3 * torch.randn(int(m.sum()))).detach().requires_grad_(True)
-    mean = tr.mean[m].detach().requires_grad_(True)
-    ref_mean = (tr.mean[m] + 1e-3 * torch.randn_like(tr.mean[m])).detach()
-    loss, stats = policy_loss(lp, tr.log_prob[m], edge_adv[m], clip_range=1e-2, num_elements=tr.x[0].numel(),
-                              kl_weight=0.04, mean=mean, ref_mean=ref_mean, std=tr.std[m])
+    return dict(log_prob=(tr.log_prob[m] + 1e-3 * torch.randn(int(m.sum()))).requires_grad_(True),
+                old_log_prob=tr.log_prob[m], advantages=edge_adv[m], mean=tr.mean[m].clone().requires_grad_(True),
+                ref_mean=tr.mean[m] + 1e-3 * torch.randn_like(tr.mean[m]), std=tr.std[m])
+
+
+def loss_step(inputs: dict[str, Tensor], num_elements: int) -> float:
+    """policy_loss with KL (forward + stats) and its backward."""
+    loss, stats = policy_loss(**inputs, clip_range=1e-2, num_elements=num_elements, kl_weight=0.04)
     loss.backward()
     return stats.policy_loss
 
@@ -95,9 +98,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trees", type=int, default=1, help="trees rolled out together (one prompt each)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     args = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     sched, sigmas = TreeSchedule(20, [0, 3, 6, 9], 2), flow_sigmas(20, shift=3.0)
     vel = TimedVelocity(tiny_sd3())
     cond = {"text": torch.randn(args.trees, TEXT_LEN, TEXT_DIM), "pooled": torch.randn(args.trees, POOLED_DIM)}
@@ -110,7 +114,8 @@ def main() -> None:
         rewards = torch.randn(args.trees, sched.num_leaves)
         with torch.no_grad():
             t_adv, edge_adv = timed(lambda: advantages_step(ro, sched, rewards))
-        t_loss, _ = timed(lambda: loss_step(ro, edge_adv))
+        inputs = loss_inputs(ro, edge_adv)
+        t_loss, _ = timed(lambda: loss_step(inputs, ro.transitions.x[0].numel()))
         if rep:
             for k, v in zip(rows, (vel.seconds, t_roll, t_adv, t_loss)):
                 rows[k].append(1e3 * v)
@@ -118,7 +123,7 @@ def main() -> None:
     model_ms, overhead_ms = med["model"], statistics.median(r - m for r, m in zip(rows["rollout"], rows["model"]))
     math_ms = overhead_ms + med["adv"] + med["loss"]
     print(f"{sched!r}, trees={args.trees}, repeats={args.repeats}, latent={list(LATENT)}, "
-          f"nfe={ro.nfe}, velocity calls/rollout={vel.calls // (args.repeats + 1)}\n")
+          f"nfe={ro.nfe}, velocity calls/rollout={vel.calls // (args.repeats + 1)}, threads={args.threads}\n")
     print("| component | ms | % of model forward |\n|---|---:|---:|")
     table = [("model forward (sum of velocity calls)", model_ms), ("rollout overhead (bookkeeping + SDE + noise)",
              overhead_ms), ("advantages (node values x2 + depthwise)", med["adv"]),
@@ -130,7 +135,7 @@ def main() -> None:
         "advantages_ms": round(med["adv"], 3), "loss_ms": round(med["loss"], 3), "math_total_ms": round(math_ms, 3),
         "math_fraction": round(math_ms / model_ms, 5), "leaves": sched.num_leaves * args.trees, "nfe": ro.nfe,
         "machine": f"{platform.processor() or platform.machine()} / {os.cpu_count()} cpus",
-        "torch": torch.__version__,
+        "torch": torch.__version__, "threads": args.threads,
     }))
 
 
