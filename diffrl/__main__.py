@@ -1,0 +1,5 @@
+import sys
+
+from diffrl.cli import main
+
+sys.exit(main())
