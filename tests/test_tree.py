@@ -202,3 +202,16 @@ def test_depth_pruning_slides_towards_the_stop_depth():
     assert set(depth[~keep].tolist()) == {12, 13, 14}
     keep = depth_prune_mask(depth, [15, 16, 17], iteration=10_000, interval=30, stop_depth=9)  # offset capped at 6
     assert set(depth[~keep].tolist()) == {9, 10, 11}
+
+
+def test_rescoring_recorded_transitions_with_the_same_model_gives_ratio_exactly_one():
+    """A matmul model, re-scored over all edges in one batch (not the rollout's per-step batches)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(9, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8))
+    velocity = lambda x, s: net(torch.cat([x, s[:, None]], dim=1))  # noqa: E731
+    with torch.no_grad():
+        ro = tree_rollout(velocity, TreeSchedule(6, [0, 2]), flow_sigmas(6), [1, 2, 3], (8,), kind="flow")
+    tr = ro.transitions
+    again = sde_step(tr.x, velocity(tr.x, tr.sigma), tr.sigma, tr.sigma_next, x_next=tr.x_next,
+                     noise_scale=tr.noise_scale)
+    assert torch.equal(torch.exp(again.log_prob - tr.log_prob), torch.ones(len(tr)))
