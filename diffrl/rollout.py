@@ -76,39 +76,46 @@ def tree_rollout(
     n_trees = len(tree_seeds)
     shape = tuple(latent_shape)
     x = torch.cat([step_noise(s, -1, 1, shape) for s in tree_seeds]).to(device=device, dtype=dtype)
+    n_edges = n_trees * (schedule.num_nodes - 1)
+    # Latent-sized records go straight into preallocated buffers: no per-step tensors kept alive, no final cat.
+    big = {"x": x.new_empty((n_edges, *shape)), "x_next": x.new_empty((n_edges, *shape)),
+           "mean": torch.empty((n_edges, *shape), device=x.device, dtype=torch.float32)}
     records: list[dict[str, Tensor]] = []
-    nfe = 0
+    nfe = row = 0
     for k in range(T):
         a_k, b = len(schedule.step_nodes[k]), schedule.branch[k]
         tree = torch.arange(n_trees).repeat_interleave(a_k)
         sigma = sigmas[k].expand(x.shape[0]).to(x.device, torch.float32)
         v = evaluate_velocity(velocity, x, sigma, tree, cond, max_batch)
         nfe += x.shape[0]
-        x_rep, v_rep = x.repeat_interleave(b, 0), v.repeat_interleave(b, 0)
-        sigma_rep = sigma.repeat_interleave(b)
-        sigma_next = sigmas[k + 1].expand(x_rep.shape[0]).to(x.device, torch.float32)
+        if b > 1:
+            x, v, sigma = x.repeat_interleave(b, 0), v.repeat_interleave(b, 0), sigma.repeat_interleave(b)
+        sigma_next = sigmas[k + 1].expand(x.shape[0]).to(x.device, torch.float32)
         scale = split_noise_scale if b > 1 else 1.0
         step_kind = kind if sde[k] else "ode"
         noise = None
         if step_kind != "ode":
             noise = torch.cat([step_noise(s, k, a_k * b, shape) for s in tree_seeds]).to(x.device)
-        out = sde_step(x_rep, v_rep, sigma_rep, sigma_next, kind=step_kind, noise_level=noise_level, noise=noise,
+        out = sde_step(x, v, sigma, sigma_next, kind=step_kind, noise_level=noise_level, noise=noise,
                        noise_scale=scale)
-        records.append(_edge_record(schedule, k, n_trees, x_rep, out, sigma_rep, sigma_next, scale))
-        x = out.x_next
-    transitions = Transitions(**{f: torch.cat([r[f] for r in records]) for f in records[0]})
+        rows = slice(row, row + x.shape[0])
+        big["x"][rows], big["x_next"][rows], big["mean"][rows] = x, out.x_next, out.mean
+        records.append(_edge_record(schedule, k, n_trees, out, sigma, sigma_next, scale))
+        x, row = big["x_next"][rows], rows.stop
+    small = {f: torch.cat([r[f] for r in records]) for f in records[0]}
+    transitions = Transitions(**big, **small)
     leaves = x.reshape(n_trees, schedule.num_leaves, *shape)
     return TreeRollout(leaves=leaves, leaf_ids=schedule.leaves.clone(), transitions=transitions, nfe=nfe)
 
 
-def _edge_record(schedule: TreeSchedule, k: int, n_trees: int, x: Tensor, out, sigma: Tensor, sigma_next: Tensor,
+def _edge_record(schedule: TreeSchedule, k: int, n_trees: int, out, sigma: Tensor, sigma_next: Tensor,
                  scale: float) -> dict[str, Tensor]:
-    """The ``Transitions`` fields of the ``n_trees * A_k * b_k`` edges created at step ``k``."""
-    n, dev = x.shape[0], x.device
+    """The per-edge scalar ``Transitions`` fields of the ``n_trees * A_k * b_k`` edges created at step ``k``."""
+    n, dev = sigma.shape[0], sigma.device
     children = schedule.step_children[k].repeat(n_trees)
     log_prob = out.log_prob if out.log_prob is not None else torch.zeros(n, device=dev)
     return dict(
-        x=x, x_next=out.x_next, mean=out.mean, std=out.std, log_prob=log_prob, sigma=sigma, sigma_next=sigma_next,
+        std=out.std, log_prob=log_prob, sigma=sigma, sigma_next=sigma_next,
         step=torch.full((n,), k, dtype=torch.long, device=dev), depth=torch.full((n,), k + 1, dtype=torch.long, device=dev),
         tree=torch.arange(n_trees, device=dev).repeat_interleave(n // n_trees), parent=schedule.parent[children].to(dev),
         child=children.to(dev), noise_scale=torch.full((n,), scale, device=dev), stochastic=out.std > 0,

@@ -48,6 +48,12 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Union[Tensor, float], r
     """
     x, mu = sample.float(), mean.float()
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    if s.ndim <= 1 and x.ndim > 1 and s.numel() in (1, x.shape[0]):
+        # One std per row: reduce the squared error first, then scale ([B] work instead of [B, ...]).
+        s = s.reshape(-1)
+        sq = reduce_elements((x - mu).square_(), reduction)
+        count = 1.0 if reduction == "mean" else x[0].numel()
+        return -sq / (2 * s**2) - count * (torch.log(s) + _LOG_SQRT_2PI)
     s = append_dims(s, x.ndim) if s.ndim == 1 and x.ndim > 1 else s
     elementwise = -((x - mu) ** 2) / (2 * s**2) - torch.log(s) - _LOG_SQRT_2PI
     return reduce_elements(elementwise.expand_as(x), reduction)
@@ -72,25 +78,26 @@ def sde_coefficients(
     ode   (Euler): mean = x + v dt, std = 0.
     """
     nd = x.ndim
-    s, s_next = append_dims(sigma, nd), append_dims(sigma_next, nd)
-    dt = s_next - s
+    dt = sigma_next - sigma
     if kind == "ode":
-        return x + v * dt, torch.zeros_like(sigma)
+        return torch.addcmul(x, append_dims(dt, nd), v), torch.zeros_like(sigma)
     if kind == "cps":
         std = sigma_next * math.sin(noise_level * math.pi / 2)
-        x0_hat, x1_hat = x - s * v, x + (1 - s) * v
-        coef = torch.sqrt((s_next**2 - append_dims(std, nd) ** 2).clamp_min(0))
-        return (1 - s_next) * x0_hat + coef * x1_hat, std
-    if kind == "flow":
-        denom = 1 - torch.where(sigma >= 1, sigma_next, sigma)
-        sigma_t = noise_level * torch.sqrt(sigma / denom)
-    elif kind == "dance":
-        sigma_t = torch.full_like(sigma, noise_level)
+        coef = torch.sqrt((sigma_next**2 - std**2).clamp_min(0))
+        # (1 - s') (x - s v) + coef (x + (1 - s) v), gathered into per-row coefficients of x and v
+        c_x, c_v = (1 - sigma_next) + coef, -(1 - sigma_next) * sigma + coef * (1 - sigma)
+    elif kind in ("flow", "dance"):
+        if kind == "flow":
+            sigma_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, sigma_next, sigma)))
+        else:
+            sigma_t = torch.full_like(sigma, noise_level)
+        # x + [v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)] dt, gathered into per-row coefficients of x and v
+        drift = sigma_t**2 / (2 * sigma)
+        c_x, c_v = 1 + drift * dt, (1 + drift * (1 - sigma)) * dt
+        std = sigma_t * torch.sqrt(sigma - sigma_next)
     else:
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {SDE_KINDS}")
-    g = append_dims(sigma_t, nd)
-    mean = x + (v + g**2 / (2 * s) * (x + (1 - s) * v)) * dt
-    return mean, sigma_t * torch.sqrt(sigma - sigma_next)
+    return torch.addcmul(append_dims(c_x, nd) * x, append_dims(c_v, nd), v), std
 
 
 def _draw(x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
@@ -115,7 +122,7 @@ def _sample_and_score(
         eps = _draw(x, noise, generator)
         # Cast before scoring: the log-prob must be of the latent the next step really consumes, so that
         # re-scoring the stored transition with the same model gives a ratio of exactly 1.
-        x_next = (mean + append_dims(std, x.ndim) * eps).to(x.dtype)
+        x_next = torch.addcmul(mean, append_dims(std, x.ndim), eps).to(x.dtype)
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
     log_prob = gaussian_log_prob(x_next, mean, safe_std, reduction)

@@ -1,8 +1,10 @@
 """Benchmark: how much does diffrl's pure-torch math cost next to a (tiny) model's forward passes?
 
 Rolls out a 16-leaf, 20-step BranchGRPO tree (``TreeSchedule(20, [0, 3, 6, 9])``, branch 2, nfe 203 per tree)
-through a randomly initialised diffusers ``SD3Transformer2DModel`` at diffusers' fast-test scale, on the CPU, and
-times (median over ``--repeats``, ``time.perf_counter``):
+through randomly initialised diffusers ``SD3Transformer2DModel``s on the CPU, at two sizes: ``tiny-shapes`` (the size
+of the embedded shapes model measured in ENV.md: 6 layers, 4 heads x 32, patch 4, a [3, 32, 32] latent) and
+``fast-test`` (diffusers' fast-test scale: 1 layer, 4 heads x 8, patch 2, a [4, 32, 32] latent; the smallest SD3
+that runs, so the harshest ratio). It times (median over ``--repeats``, ``time.perf_counter``):
 
   model forward      sum of the velocity calls made by ``tree_rollout`` (timer wrapped around the model);
   rollout overhead   ``tree_rollout`` wall time minus model forward: tree bookkeeping, cond indexing, SDE steps,
@@ -34,16 +36,22 @@ from diffrl.schedule import flow_sigmas
 from diffrl.tree import TreeSchedule
 from diffrl.types import TreeRollout
 
-LATENT = (4, 32, 32)
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 8, 32, 64
+MODELS = {
+    "tiny-shapes": dict(latent=(3, 32, 32), patch_size=4, num_layers=6, attention_head_dim=32, qk_norm="rms_norm"),
+    "fast-test": dict(latent=(4, 32, 32), patch_size=2, num_layers=1, attention_head_dim=8, qk_norm=None),
+}
 
 
-def tiny_sd3() -> SD3Transformer2DModel:
-    """A random-init SD3 transformer at diffusers' fast-test scale."""
+def tiny_sd3(name: str) -> SD3Transformer2DModel:
+    """A random-init SD3 transformer of one of ``MODELS``."""
+    spec = MODELS[name]
+    channels = spec["latent"][0]
     return SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=TEXT_DIM, caption_projection_dim=32,
-        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=64,
+        sample_size=spec["latent"][1], patch_size=spec["patch_size"], in_channels=channels, out_channels=channels,
+        num_layers=spec["num_layers"], attention_head_dim=spec["attention_head_dim"], num_attention_heads=4,
+        joint_attention_dim=TEXT_DIM, caption_projection_dim=4 * spec["attention_head_dim"],
+        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=64, qk_norm=spec["qk_norm"],
     ).eval()
 
 
@@ -94,46 +102,53 @@ def loss_step(inputs: dict[str, Tensor], num_elements: int) -> float:
     return stats.policy_loss
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trees", type=int, default=1, help="trees rolled out together (one prompt each)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+def bench_model(name: str, trees: int, repeats: int) -> dict:
+    """Time one model size; returns the medians in ms and the math fraction."""
+    latent = MODELS[name]["latent"]
     sched, sigmas = TreeSchedule(20, [0, 3, 6, 9], 2), flow_sigmas(20, shift=3.0)
-    vel = TimedVelocity(tiny_sd3())
-    cond = {"text": torch.randn(args.trees, TEXT_LEN, TEXT_DIM), "pooled": torch.randn(args.trees, POOLED_DIM)}
-    rows: dict[str, list[float]] = {"model": [], "rollout": [], "adv": [], "loss": []}
-    for rep in range(args.repeats + 1):  # repetition 0 is a warm-up (allocator, leaf_matrix cache), not recorded
+    vel = TimedVelocity(tiny_sd3(name))
+    cond = {"text": torch.randn(trees, TEXT_LEN, TEXT_DIM), "pooled": torch.randn(trees, POOLED_DIM)}
+    rows: dict[str, list[float]] = {"model": [], "overhead": [], "adv": [], "loss": []}
+    for rep in range(repeats + 1):  # repetition 0 is a warm-up (allocator, leaf_matrix cache), not recorded
         vel.seconds = 0.0
-        seeds = [1000 * rep + t for t in range(args.trees)]
+        seeds = [1000 * rep + t for t in range(trees)]
         with torch.no_grad():
-            t_roll, ro = timed(lambda: tree_rollout(vel, sched, sigmas, seeds, LATENT, cond=cond))
-        rewards = torch.randn(args.trees, sched.num_leaves)
+            t_roll, ro = timed(lambda: tree_rollout(vel, sched, sigmas, seeds, latent, cond=cond))
+        rewards = torch.randn(trees, sched.num_leaves)
         with torch.no_grad():
             t_adv, edge_adv = timed(lambda: advantages_step(ro, sched, rewards))
         inputs = loss_inputs(ro, edge_adv)
         t_loss, _ = timed(lambda: loss_step(inputs, ro.transitions.x[0].numel()))
         if rep:
-            for k, v in zip(rows, (vel.seconds, t_roll, t_adv, t_loss)):
+            for k, v in zip(rows, (vel.seconds, t_roll - vel.seconds, t_adv, t_loss)):
                 rows[k].append(1e3 * v)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    model_ms, overhead_ms = med["model"], statistics.median(r - m for r, m in zip(rows["rollout"], rows["model"]))
-    math_ms = overhead_ms + med["adv"] + med["loss"]
-    print(f"{sched!r}, trees={args.trees}, repeats={args.repeats}, latent={list(LATENT)}, "
-          f"nfe={ro.nfe}, velocity calls/rollout={vel.calls // (args.repeats + 1)}, threads={args.threads}\n")
+    math_ms = med["overhead"] + med["adv"] + med["loss"]
+    print(f"\n### {name}: latent {list(latent)}, {sched!r}, trees={trees}, nfe={ro.nfe}\n")
     print("| component | ms | % of model forward |\n|---|---:|---:|")
-    table = [("model forward (sum of velocity calls)", model_ms), ("rollout overhead (bookkeeping + SDE + noise)",
-             overhead_ms), ("advantages (node values x2 + depthwise)", med["adv"]),
+    table = [("model forward (sum of velocity calls)", med["model"]),
+             ("rollout overhead (bookkeeping + SDE steps + noise)", med["overhead"]),
+             ("advantages (node values x2 + depth-wise)", med["adv"]),
              ("loss (policy_loss + KL, fwd + bwd)", med["loss"]), ("**math total**", math_ms)]
-    for name, ms in table:
-        print(f"| {name} | {ms:.2f} | {100 * ms / model_ms:.2f}% |")
+    for label, ms in table:
+        print(f"| {label} | {ms:.2f} | {100 * ms / med['model']:.2f}% |")
+    return {"model_forward_ms": round(med["model"], 3), "rollout_overhead_ms": round(med["overhead"], 3),
+            "advantages_ms": round(med["adv"], 3), "loss_ms": round(med["loss"], 3),
+            "math_total_ms": round(math_ms, 3), "math_fraction": round(math_ms / med["model"], 5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", type=int, default=1, help="trees rolled out together (one prompt each)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    results = {name: bench_model(name, args.trees, args.repeats) for name in args.models}
     print(json.dumps({
-        "model_forward_ms": round(model_ms, 3), "rollout_overhead_ms": round(overhead_ms, 3),
-        "advantages_ms": round(med["adv"], 3), "loss_ms": round(med["loss"], 3), "math_total_ms": round(math_ms, 3),
-        "math_fraction": round(math_ms / model_ms, 5), "leaves": sched.num_leaves * args.trees, "nfe": ro.nfe,
+        **results[args.models[0]], "models": results, "leaves": 16 * args.trees, "nfe": 203 * args.trees,
         "machine": f"{platform.processor() or platform.machine()} / {os.cpu_count()} cpus",
         "torch": torch.__version__, "threads": args.threads,
     }))
