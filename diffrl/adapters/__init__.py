@@ -1,0 +1,18 @@
+"""Model-family adapters. Each owns diffusers for one family; nothing else in diffrl imports diffusers.
+
+``ADAPTERS`` maps a family name to a lazy ``"module:Class"`` path so that importing diffrl stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+ADAPTERS: dict[str, str] = {"sd3": "diffrl.adapters.sd3:SD3Adapter"}
+
+
+def load_adapter_class(name: str):
+    """The adapter class registered under ``name`` (or a ``"pkg.mod:Class"`` path)."""
+    path = ADAPTERS.get(name, name)
+    if ":" not in path:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(ADAPTERS)} or give 'pkg.module:Class'")
+    module, attr = path.split(":", 1)
+    return getattr(importlib.import_module(module), attr)

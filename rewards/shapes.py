@@ -1,0 +1,128 @@
+"""The shapes verifier: scores an image against a shapes-world prompt with no learned model (GenEval-style).
+
+1. Segment: each pixel takes the nearest palette colour when it is within ``COLOR_TOL`` of it (else background).
+2. Objects: 4-connected components per colour, at least ``MIN_AREA`` pixels.
+3. Shape of each object from its bounding box: fill ratio, filled corners, and top/bottom row widths
+   (square: full box and corners; triangle: narrow top, wide bottom; circle: otherwise).
+4. Criteria against the prompt (``diffrl.shapes.parse_prompt``): ``count`` (the number of objects equals the prompt's,
+   nothing extra), ``color`` (each colour present in the right number), ``shape`` (every object of a prompt colour
+   has the prompt's shape), ``size`` and ``relation`` where the prompt has them. ``strict`` is 1 when all pass;
+   ``partial`` is their mean.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffrl.shapes import COLORS, Scene, parse_prompt
+
+COLOR_TOL = 110.0
+MIN_AREA = 6
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
+_NAMES = list(COLORS)
+
+
+def segment(img: np.ndarray) -> np.ndarray:
+    """``[H, W, 3]`` uint8 -> ``[H, W]`` int: palette index per pixel, -1 for background."""
+    d = np.linalg.norm(img[:, :, None, :].astype(np.float32) - _PALETTE[None, None], axis=-1)
+    idx = d.argmin(-1)
+    return np.where(d.min(-1) < COLOR_TOL, idx, -1)
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a bool ``[H, W]`` mask, as bool masks (min-label propagation, vectorised)."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neigh = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2],
+                                   padded[1:-1, 2:]])
+        new = np.where(mask, neigh, big)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return [labels == v for v in np.unique(labels[mask])]
+
+
+def classify_shape(comp: np.ndarray) -> str:
+    """circle, square or triangle from a component's bounding box geometry."""
+    ys, xs = np.nonzero(comp)
+    box = comp[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = box.shape
+    rows = box.sum(1)
+    top, bottom = rows[: max(1, h // 4)].mean(), rows[-max(1, h // 4) :].mean()
+    if top < 0.6 * bottom:
+        return "triangle"
+    corners = int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1])
+    fill = box.mean()
+    return "square" if corners >= 3 and fill > 0.85 else "circle"
+
+
+def detect(image: Union[Image.Image, np.ndarray]) -> list[dict]:
+    """Objects in an image: ``{"color", "shape", "center": (x, y), "side": max bbox side}`` each."""
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    seg = segment(arr)
+    objects = []
+    for ci, name in enumerate(_NAMES):
+        for comp in components(seg == ci):
+            if comp.sum() < MIN_AREA:
+                continue
+            ys, xs = np.nonzero(comp)
+            objects.append({"color": name, "shape": classify_shape(comp),
+                            "center": ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2),
+                            "side": int(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)})
+    return objects
+
+
+def _relation_holds(a: dict, b: dict, relation: str) -> bool:
+    dx, dy = b["center"][0] - a["center"][0], b["center"][1] - a["center"][1]
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along > 0 and along > abs(across)
+
+
+def score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32) -> dict[str, float]:
+    """Per-criterion scores (0/1), ``partial`` (their mean) and ``strict`` (all pass) of one image."""
+    found = detect(image)
+    crit = {"count": float(len(found) == scene.num_objects)}
+    by_color = {o.color: [f for f in found if f["color"] == o.color] for o in scene.objects}
+    crit["color"] = float(all(len(by_color[o.color]) == o.count for o in scene.objects))
+    shapes_ok = [f["shape"] == o.shape for o in scene.objects for f in by_color[o.color]]
+    crit["shape"] = float(bool(shapes_ok) and all(shapes_ok))
+    sized = [o for o in scene.objects if o.size]
+    if sized:
+        small = 10.5 * image_size / 32
+        crit["size"] = float(all(all((f["side"] < small) == (o.size == "small") for f in by_color[o.color])
+                                 for o in sized) and all(by_color[o.color] for o in sized))
+    if scene.relation:
+        a, b = (by_color[o.color] for o in scene.objects)
+        crit["relation"] = float(len(a) == 1 and len(b) == 1 and _relation_holds(a[0], b[0], scene.relation))
+    values = list(crit.values())
+    return {**crit, "partial": sum(values) / len(values), "strict": float(all(v == 1.0 for v in values))}
+
+
+def to_pil(media) -> list[Image.Image]:
+    """PIL images from a list of PIL images or a float tensor ``[B, 3, H, W]`` in [0, 1]."""
+    if isinstance(media, torch.Tensor):
+        arr = (media.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+    return list(media)
+
+
+def shapes_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Reward: ``strict`` and ``partial`` scores, ``(batch,)`` float tensors."""
+    images = to_pil(media)
+    if len(images) != len(prompts):
+        raise ValueError(f"shapes reward got {len(images)} images for {len(prompts)} prompts")
+    rows = [score(img, parse_prompt(p), img.size[0]) for img, p in zip(images, prompts)]
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in ("strict", "partial")}
+
+
+def build(**options) -> "callable":
+    """Registry factory: the shapes reward takes no options."""
+    if options:
+        raise ValueError(f"the shapes reward takes no options, got {sorted(options)}")
+    return shapes_reward
