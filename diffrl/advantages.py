@@ -36,13 +36,19 @@ def _zscore(values: Tensor, mean: Tensor, std: Tensor, eps: float) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_ids: Tensor, *, global_std: bool = False, eps: float = 1e-4, clip: Optional[float] = None
+    rewards: Tensor, group_ids: Tensor, *, global_std: bool = False, eps: float = 1e-4, clip: Optional[float] = None,
+    valid: Optional[Tensor] = None,
 ) -> Tensor:
     """Group-relative advantage (GRPO): A_i = (R_i - mean_g(i) R) / (std + eps), like ``rewards``.
 
     std is the group's (default) or the whole batch's (``global_std``, Flow-GRPO's option). Zero-variance groups
-    give 0. ``clip`` bounds |A| (Flow-GRPO clips at 5).
+    give 0. ``clip`` bounds |A| (Flow-GRPO clips at 5). ``valid`` ``[B]`` bool: invalid samples (a reward failed)
+    are left out of the statistics and get advantage 0.
     """
+    if valid is not None:
+        out = torch.zeros_like(rewards)
+        out[valid] = group_advantages(rewards[valid], group_ids[valid], global_std=global_std, eps=eps, clip=clip)
+        return out
     mean, std, _ = _group_stats(rewards, group_ids)
     if global_std:
         std = rewards.double().std(unbiased=False).expand_as(mean) if rewards.numel() > 1 else torch.zeros_like(mean)

@@ -59,6 +59,7 @@ class LossStats:
     approx_kl: float
     ratio_mean: float
     ratio_max: float
+    ratio_min: float
     adv_mean: float
     adv_std: float
 
@@ -109,7 +110,7 @@ def policy_loss(
     with torch.no_grad():
         stats = LossStats(
             policy_loss=float(wmean(per)), kl=float(kl), clip_frac=float(wmean(((ratio - 1).abs() > c).float())),
-            approx_kl=float(wmean(0.5 * log_ratio**2)), ratio_mean=float(wmean(ratio)), ratio_max=float(ratio.max()),
+            approx_kl=float(wmean(0.5 * log_ratio**2)), ratio_mean=float(wmean(ratio)), ratio_max=float(ratio.max()), ratio_min=float(ratio.min()),
             adv_mean=float(adv.mean()), adv_std=float(adv.std(unbiased=False)),
         )
     return loss, stats

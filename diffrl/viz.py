@@ -51,3 +51,49 @@ def reward_curve(values: Sequence[float], path: Path, title: str) -> None:
     d.text((4, h - m - 6), f"{lo:.2f}", fill="black")
     d.text((w - m - 30, h - m + 6), f"{len(values)} it", fill="black")
     img.save(path)
+
+
+def image_grid(images, path: Path, ncol: int, scale: int = 4, captions: Sequence[str] = ()) -> None:
+    """Save ``[n, 3, H, W]`` images in [0, 1] as a grid, upscaled ``scale``x (nearest), with optional captions."""
+    import numpy as np
+
+    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    n, h, w, _ = arr.shape
+    nrow = (n + ncol - 1) // ncol
+    cap_h = 12 if captions else 0
+    cell_w, cell_h = max(w * scale, 8), h * scale + cap_h
+    canvas = Image.new("RGB", (ncol * cell_w, nrow * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        tile = Image.fromarray(np.ascontiguousarray(arr[i])).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, (c * cell_w, r * cell_h + cap_h))
+        if i < len(captions):
+            draw.text((c * cell_w + 2, r * cell_h), captions[i][: cell_w // 6], fill="black")
+    canvas.save(path)
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> None:
+    """Several ``name -> (xs, ys)`` lines on one axis (each scaled to the shared y range)."""
+    w, h, m = 560, 300, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xs_all = [x for xs, _ in series.values() for x in xs] or [0, 1]
+    ys_all = [y for _, ys in series.values() for y in ys] or [0, 1]
+    x0, x1 = min(xs_all), max(xs_all) if max(xs_all) > min(xs_all) else min(xs_all) + 1
+    y0, y1 = min(ys_all + [0.0]), max(ys_all + [1.0])
+    d.rectangle([m, m, w - m, h - m], outline="gray")
+    colors = [(30, 60, 200), (220, 60, 40), (40, 160, 60), (150, 60, 180)]
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        pts = [(m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)) for x, y in zip(xs, ys)]
+        color = colors[i % len(colors)]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
+        d.text((m + 8 + 150 * i, h - m + 14), name, fill=color)
+    d.text((m, 10), title, fill="black")
+    d.text((4, m - 6), f"{y1:.2f}", fill="black")
+    d.text((4, h - m - 6), f"{y0:.2f}", fill="black")
+    d.text((w - m - 40, h - m + 2), f"step {x1:g}", fill="black")
+    img.save(path)

@@ -1,6 +1,49 @@
-"""Built-in reward models, one file each (aesthetic, CLIP, OCR, audio-video sync, ...), and the reward registry.
+"""Built-in reward models, one file each, and the reward registry.
 
-Installed as a top-level package beside ``diffrl``. Reward files import their heavy dependencies inside their
-``build`` factory, so ``import rewards`` stays cheap. The registry and the built-in rewards arrive with the
-rewards issue; this package exists now so the installed layout is final.
+A reward is a callable ``reward(media, prompts) -> {name: float tensor (batch,)}``. ``load(name_or_path)``
+accepts a registered name or a ``"pkg.module:attr"`` path to a function (used as is) or to a factory/class
+(called with the options). Reward files import their heavy dependencies inside ``build``, so ``import rewards``
+stays cheap.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+REGISTRY: dict[str, str] = {"shapes": "rewards.shapes:build"}
+
+
+def register(name: str) -> Callable:
+    """Decorator: register a reward factory (``build(**options) -> reward``) under ``name``."""
+
+    def wrap(factory: Callable) -> Callable:
+        REGISTRY[name] = f"{factory.__module__}:{factory.__qualname__}"
+        return factory
+
+    return wrap
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"reward {path!r}: cannot import module {module!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward {path!r}: module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load(name_or_path: str, **options: Any) -> Callable:
+    """The reward callable for a registered name or a ``"pkg.module:attr"`` path."""
+    if name_or_path in REGISTRY:
+        return _import(REGISTRY[name_or_path])(**options)
+    if ":" not in name_or_path:
+        raise ValueError(f"unknown reward {name_or_path!r}; registered rewards are {sorted(REGISTRY)}, "
+                         "or give a 'pkg.module:function' path")
+    obj = _import(name_or_path)
+    if isinstance(obj, type) or options:
+        return obj(**options)
+    return obj

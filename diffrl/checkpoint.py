@@ -1,0 +1,63 @@
+"""Atomic checkpoints: a run killed at any moment resumes from its last complete checkpoint.
+
+A checkpoint is a folder ``checkpoint-<step>`` holding ``lora.safetensors`` (and ``ema.safetensors``), the optimizer
+state (``optimizer.pt``, read back with ``weights_only=True``) and ``state.json`` (step, metrics history, RNG
+states). It is written under a temporary name and renamed into place, so a half-written one is never picked up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+KEEP = 2
+
+
+def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict) -> Path:
+    """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints."""
+    run_dir = Path(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=run_dir))
+    for name, sd in tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer, tmp / "optimizer.pt")
+    rng = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng}))
+    final = run_dir / f"checkpoint-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(run_dir.glob("checkpoint-*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint folder, or None."""
+    found = sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """(tensors by file name, optimizer state, state dict) of a checkpoint; restores the RNG states."""
+    path = Path(path)
+    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    random.setstate(_tupled(state["rng"]["python"]))
+    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+    return tensors, optimizer, state
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

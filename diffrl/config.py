@@ -1,0 +1,252 @@
+"""Typed run configuration: dataclass defaults, a short YAML file of overrides, and ``a.b=c`` overrides.
+
+``load_config(path, overrides)`` reads the YAML, applies the overrides and validates everything before any model
+loads. Every problem is collected and reported at once, each naming the file and the key ("did you mean ...").
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message lists every problem with its file and key."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd3"
+    """Adapter name (``diffrl.adapters.ADAPTERS``) or ``pkg.module:Class``."""
+    path: str = "assets/tiny-sd3-shapes"
+    """Local diffusers pipeline folder or hub id (hub ids need network unless cached)."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16 (log-prob math is fp32 whatever this is)."""
+    attention: str = "sdpa"
+    """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 10
+    """Denoising steps of training rollouts."""
+    kind: str = "flow"
+    """SDE kind: flow, dance or cps (see diffrl.sde)."""
+    noise_level: float = 0.7
+    guidance_scale: float = 4.5
+    """Classifier-free guidance during rollouts and training (1 disables it and halves the cost)."""
+    split_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Tree split steps (empty list: flat GRPO)."""
+    branch_factor: int = 2
+    split_noise_scale: float = 1.0
+    sde_window: Optional[list[int]] = None
+    """[start, size]: SDE (and trained) steps; ODE elsewhere. None: every step is SDE."""
+    timestep_fraction: float = 1.0
+    """Fraction of the SDE steps trained each iteration (DanceGRPO)."""
+    eval_steps: int = 20
+    """Steps of the deterministic evaluation sampler."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    prompts_per_step: int = 8
+    trees_per_prompt: int = 1
+    """Trees per prompt; with no splits, this is the GRPO group size."""
+    lr: float = 1e-3
+    clip_range: float = 0.2
+    """Per-element-normalised PPO epsilon (diffrl.loss.effective_clip_range)."""
+    kl_weight: float = 0.01
+    adv_clip: float = 5.0
+    advantage: str = "tree"
+    """tree (depth-wise), grpo or rloo (the last two on leaves)."""
+    reward_aggregation: str = "sum"
+    """sum (weighted rewards, then advantages) or gdpo (per-reward advantages, then weighted sum)."""
+    minibatch: int = 64
+    """Transitions per backward pass; gradients accumulate over the step's minibatches."""
+    inner_epochs: int = 1
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    """EMA of the LoRA weights used for evaluation and export (0 disables it)."""
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "shapes"
+    """"shapes" (the generated grammar) or a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file."""
+    eval_prompts: str = "shapes:count,relation"
+    """Held-out prompts: "shapes:<kinds>" or a file."""
+    eval_size: int = 64
+
+
+@dataclass
+class LogConfig:
+    out: str = "runs/tiny_shapes"
+    sample_every: int = 10
+    eval_every: int = 20
+    checkpoint_every: int = 5
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
+    """Reward name (or pkg.module:fn) -> weight. A reward returning several scores uses its first."""
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
+    "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"),
+    "train.reward_aggregation": ("sum", "gdpo"),
+}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def _merge(obj: Any, data: dict, prefix: str, where: str, errors: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            errors.append(f"{where}: unknown key '{path}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                errors.append(f"{where}: '{path}' must be a mapping of its fields, got {value!r}")
+            else:
+                _merge(current, value, f"{path}.", where, errors)
+            continue
+        value = _coerce(value, hints[key])
+        if not _type_ok(value, hints[key]):
+            errors.append(f"{where}: '{path}' must be {_type_name(hints[key])}, got {value!r}")
+        else:
+            setattr(obj, key, float(value) if hints[key] is float else value)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``3e-4`` as a string: accept float-looking strings where a float is expected."""
+    if isinstance(value, str) and (tp is float or tp == Optional[float]):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003): the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    return {keys[0]: value} if len(keys) == 1 else {keys[0]: _nest(keys[1:], value)}
+
+
+def validate(cfg: Config, where: str) -> list[str]:
+    """Value errors that types cannot express (impossible combinations), each naming file and key."""
+    errors = []
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            errors.append(f"{where}: '{key}' must be one of {list(allowed)}, got {value!r}")
+    s, t = cfg.sampler, cfg.train
+    bad_splits = [k for k in s.split_steps if not 0 <= k < s.num_steps]
+    if bad_splits:
+        errors.append(f"{where}: 'sampler.split_steps' {bad_splits} lie past the last step {s.num_steps - 1}")
+    if s.split_steps != sorted(set(s.split_steps)):
+        errors.append(f"{where}: 'sampler.split_steps' must be strictly increasing, got {s.split_steps}")
+    if s.branch_factor < 2:
+        errors.append(f"{where}: 'sampler.branch_factor' must be >= 2, got {s.branch_factor}")
+    if s.sde_window is not None:
+        if len(s.sde_window) != 2 or s.sde_window[0] < 0 or s.sde_window[1] < 1 or sum(s.sde_window) > s.num_steps:
+            errors.append(f"{where}: 'sampler.sde_window' must be [start, size] inside {s.num_steps} steps, "
+                          f"got {s.sde_window}")
+        elif any(not s.sde_window[0] <= k < sum(s.sde_window) for k in s.split_steps):
+            errors.append(f"{where}: 'sampler.split_steps' must lie inside 'sampler.sde_window'")
+    group = t.trees_per_prompt * (s.branch_factor ** len(s.split_steps))
+    if group < 2:
+        errors.append(f"{where}: a group size of {group} (train.trees_per_prompt x leaves per tree) has no "
+                      "variance to learn from; use at least 2 leaves per prompt")
+    positive = {"sampler.num_steps": s.num_steps, "train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
+                "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs, "train.lr": t.lr,
+                "train.clip_range": t.clip_range, "sampler.eval_steps": s.eval_steps,
+                "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
+    errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if not 0 < s.timestep_fraction <= 1:
+        errors.append(f"{where}: 'sampler.timestep_fraction' must be in (0, 1], got {s.timestep_fraction}")
+    if not 0 <= t.ema_decay < 1:
+        errors.append(f"{where}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
+    if not cfg.rewards:
+        errors.append(f"{where}: 'rewards' is empty; name at least one reward")
+    return errors
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated. Raises ``ConfigError``."""
+    cfg, errors = Config(), []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, "", str(path), errors)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["rewards"] or keys[0] != "rewards":
+            _merge(cfg, _nest(keys, value), "", f"override {text!r}", errors)
+        else:
+            _merge(cfg, {"rewards": {**cfg.rewards, ".".join(keys[1:]): value}}, "", f"override {text!r}", errors)
+    where = str(path) if path else "config"
+    errors += validate(cfg, f"{where} (with overrides)" if overrides else where)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (written to the run directory)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,52 @@
+"""Score rollouts with the configured rewards, robustly: a sample whose reward raises or is not finite is marked
+invalid (with a warning naming the reward and the prompt) instead of stopping or corrupting the run."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("diffrl")
+
+
+class RewardError(RuntimeError):
+    """A reward failed on every sample of a batch: the run cannot continue."""
+
+
+def _first_score(name: str, out: Mapping[str, Tensor], n: int) -> Tensor:
+    if not isinstance(out, Mapping) or not out:
+        raise TypeError(f"reward {name!r} must return a dict of name -> tensor (batch,), got {type(out).__name__}")
+    value = torch.as_tensor(next(iter(out.values())), dtype=torch.float32).flatten()
+    if value.shape != (n,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(value.shape)} for a batch of {n}")
+    return value
+
+
+def _call(name: str, fn: Callable, media: Sequence, prompts: Sequence[str]) -> Tensor:
+    """``[B]`` scores; NaN for samples whose reward raised (found by re-running sample by sample)."""
+    try:
+        return _first_score(name, fn(media, list(prompts)), len(prompts))
+    except Exception as batch_error:  # noqa: BLE001 - isolate the failing samples, then report them
+        if len(prompts) == 1:
+            log.warning("reward %r raised on prompt %r: %s", name, prompts[0], batch_error)
+            return torch.tensor([math.nan])
+        return torch.cat([_call(name, fn, media[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts))])
+
+
+def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """Every reward on a batch: ``({name: [B]}, valid [B] bool)``; invalid samples hold 0 and are logged."""
+    scores, valid = {}, torch.ones(len(prompts), dtype=torch.bool)
+    for name, fn in rewards.items():
+        s = _call(name, fn, media, prompts)
+        bad = ~torch.isfinite(s)
+        for i in bad.nonzero().flatten().tolist():
+            log.warning("reward %r gave %s for prompt %r: the sample is left out of the update", name, s[i].item(),
+                        prompts[i])
+        valid &= ~bad
+        scores[name] = torch.where(bad, torch.zeros_like(s), s)
+    if not valid.any():
+        raise RewardError(f"every sample of the batch failed a reward ({', '.join(rewards)}); see the warnings above")
+    return scores, valid

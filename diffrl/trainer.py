@@ -1,0 +1,407 @@
+"""The RL loop, read top to bottom: collect (tree SDE rollouts) -> score (rewards) -> advantage -> optimize
+(clipped-ratio LoRA updates with a KL to the adapters-off reference) -> log / evaluate / checkpoint.
+
+One trainer for every model family: it talks to the model only through an adapter (``diffrl.adapters``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+import rewards as reward_registry
+from diffrl import checkpoint
+from diffrl.adapters import load_adapter_class
+from diffrl.advantages import (
+    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, tree_node_values,
+)
+from diffrl.config import Config, to_dict
+from diffrl.loss import policy_loss
+from diffrl.prompts import PromptStream, eval_prompts
+from diffrl.rollout import trained_edges, tree_rollout
+from diffrl.schedule import subsample_steps, window_mask
+from diffrl.scoring import score_batch
+from diffrl.sde import sde_step
+from diffrl.tree import TreeSchedule, mix_seed
+from diffrl.types import TreeRollout
+from diffrl.viz import image_grid, line_plot
+
+log = logging.getLogger("diffrl")
+GRID_PROMPTS = 8
+
+
+@dataclass
+class Run:
+    """Everything built once from the config."""
+
+    cfg: Config
+    out: Path
+    adapter: Any
+    rewards: dict[str, Callable]
+    schedule: TreeSchedule
+    sigmas: Tensor
+    optimizer: torch.optim.Optimizer
+    prompts: PromptStream
+    eval_prompts: list[str]
+    writer: Any = None
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    base_accuracy: Optional[float] = None
+    ema: Optional[dict[str, Tensor]] = None
+
+
+@dataclass
+class Batch:
+    prompts: list[str]  # one per tree
+    rollout: TreeRollout
+    images: Tensor  # [trees * leaves, 3, H, W]
+    rollout_s: float
+
+
+def build(cfg: Config, out: Path) -> Run:
+    """Load the model (LoRA attached), the rewards, the optimizer and the prompt sources."""
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_cls = load_adapter_class(cfg.model.family)
+    adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                          attention=cfg.model.attention)
+    torch.manual_seed(cfg.train.seed)
+    adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    rewards = {name: reward_registry.load(name) for name in cfg.rewards}
+    held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
+    s = cfg.sampler
+    writer = _tensorboard(out) if cfg.log.tensorboard else None
+    return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
+               schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
+               optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
+               prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out), eval_prompts=held_out,
+               writer=writer)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _velocity(run: Run, guidance: float) -> Callable:
+    return lambda x, sigma, cond: run.adapter.velocity(x, sigma, cond, guidance)
+
+
+def collect(run: Run, step: int) -> Batch:
+    """Tree (or flat) SDE rollouts of this step's prompts; every tree's seed derives from (seed, step, tree)."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    per_prompt = run.prompts.at(step, cfg.train.prompts_per_step)
+    prompts = [p for p in per_prompt for _ in range(cfg.train.trees_per_prompt)]
+    seeds = [mix_seed(cfg.train.seed, step, i) for i in range(len(prompts))]
+    s = cfg.sampler
+    sde = window_mask(s.num_steps, *s.sde_window) if s.sde_window else None
+    with torch.no_grad():
+        ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, seeds, run.adapter.latent_shape,
+                          kind=s.kind, noise_level=s.noise_level, split_noise_scale=s.split_noise_scale,
+                          sde_steps=sde, cond=run.adapter.encode(prompts), max_batch=cfg.train.minibatch,
+                          device=run.adapter.device)
+        images = run.adapter.decode(ro.leaves.flatten(0, 1))
+    return Batch(prompts=prompts, rollout=ro, images=images, rollout_s=time.perf_counter() - t0)
+
+
+def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Leaf rewards ``[trees, leaves]`` (weighted sum, or GDPO-normalised), validity, and the raw scores."""
+    leaves = run.schedule.num_leaves
+    leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
+    scores, valid = score_batch(run.rewards, batch.images, leaf_prompts)
+    groups = _prompt_groups(batch.prompts).repeat_interleave(leaves)
+    if run.cfg.train.reward_aggregation == "gdpo":
+        total = sum(w * group_advantages(scores[k], groups, valid=valid) for k, w in run.cfg.rewards.items())
+    else:
+        total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
+    shape = (len(batch.prompts), leaves)
+    return total.reshape(shape), valid.reshape(shape), scores
+
+
+def _prompt_groups(prompts: list[str]) -> Tensor:
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
+
+
+def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool.
+
+    Invalid leaves (a reward failed) take their group's mean valid reward, so they move no statistic, and the
+    edges that lead only to invalid leaves are not trained.
+    """
+    cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
+    groups = _prompt_groups(batch.prompts)
+    leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
+    means = torch.zeros(int(groups.max()) + 1).index_add_(0, leaf_groups[valid], leaf_r[valid])
+    counts = torch.zeros_like(means).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
+    leaf_r = torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
+    if cfg.train.advantage == "tree":
+        node_adv = depthwise_advantages(tree_node_values(leaf_r, sched), sched, tree_groups=groups)
+    else:
+        fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
+        leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
+        m = sched.leaf_matrix.float()
+        node_adv = (leaf_adv @ m.T) / m.sum(1)
+    adv = clip_advantages(node_adv[tr.tree, tr.child], cfg.train.adv_clip)
+    reaches_valid = (valid.float() @ sched.leaf_matrix.float().T) > 0
+    return adv, _train_mask(run, batch, step) & reaches_valid[tr.tree, tr.child]
+
+
+def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
+    s = run.cfg.sampler
+    steps = window_mask(s.num_steps, *s.sde_window) if s.sde_window else torch.ones(s.num_steps, dtype=torch.bool)
+    if s.timestep_fraction < 1:
+        g = torch.Generator().manual_seed(mix_seed(run.cfg.train.seed, step, 11))
+        steps = subsample_steps(steps, s.timestep_fraction, g)
+    return trained_edges(batch.rollout.transitions, steps)
+
+
+def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Trained edges of step ``k``, the distinct parents they come from (rollout order), and edge -> parent."""
+    e = (mask & (tr.step == k)).nonzero().flatten()
+    keys = tr.tree[e] * (int(tr.parent.max()) + 1) + tr.parent[e]
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(e)), "amin", include_self=False)
+    return e, e[first], inverse
+
+
+def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, float]:
+    """Clipped-ratio updates on the trained edges, step by step; each parent's velocity is computed once and
+    in the rollout's batches, so before the first update the ratio is exactly 1. Gradients accumulate over all
+    the step's edges; one optimizer step per inner epoch."""
+    cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
+    total = int(mask.sum())
+    if total == 0:
+        return {}
+    cond_all = ad.encode(batch.prompts)
+    n_elem = math.prod(ad.latent_shape)
+    stats_sum: dict[str, float] = {}
+    for epoch in range(cfg.train.inner_epochs):
+        run.optimizer.zero_grad(set_to_none=True)
+        for k in sorted(set(tr.step[mask].tolist())):
+            e, parents, inverse = _step_groups(tr, mask, k)
+            for chunk in torch.arange(len(parents)).split(cfg.train.minibatch):
+                sel = torch.isin(inverse, chunk)
+                stats = _edge_loss(run, tr, adv, e[sel], parents[chunk], inverse[sel] - chunk[0], cond_all, n_elem,
+                                   total)
+                if epoch == 0:
+                    dev = stats.pop("ratio_dev")
+                    stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
+                    for name, v in stats.items():
+                        stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / total
+        torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
+        run.optimizer.step()
+    return stats_sum
+
+
+def _edge_loss(run: Run, tr, adv: Tensor, edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
+               n_elem: int, total: int) -> dict[str, float]:
+    """Loss of some edges of one step (weighted by their share of all trained edges) and its backward."""
+    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+    cond = {key: v[tr.tree[parents]] for key, v in cond_all.items()}
+    v = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
+    kw = dict(kind=s.kind, noise_level=s.noise_level, noise_scale=tr.noise_scale[edges])
+    out = sde_step(tr.x[edges], v, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges], **kw)
+    ref_mean = None
+    if cfg.train.kl_weight > 0:
+        with torch.no_grad(), ad.reference():
+            v_ref = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
+            ref_mean = sde_step(tr.x[edges], v_ref, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges],
+                                **kw).mean
+    loss, stats = policy_loss(out.log_prob, tr.log_prob[edges], adv[edges], clip_range=cfg.train.clip_range,
+                              num_elements=n_elem, kl_weight=cfg.train.kl_weight, mean=out.mean, ref_mean=ref_mean,
+                              std=tr.std[edges])
+    (loss * len(edges) / total).backward()
+    return {"kl": stats.kl, "clip_frac": stats.clip_frac, "approx_kl": stats.approx_kl, "ratio_mean": stats.ratio_mean,
+            "ratio_dev": max(stats.ratio_max - 1, 1 - stats.ratio_min), "policy_loss": stats.policy_loss}
+
+
+def ema_update(run: Run, state: TrainState) -> None:
+    """EMA of the LoRA weights (used for evaluation and export) when ``train.ema_decay > 0``."""
+    decay = run.cfg.train.ema_decay
+    if decay <= 0:
+        return
+    current = run.adapter.lora_state_dict()
+    if state.ema is None:
+        state.ema = current
+    else:
+        for k, v in current.items():
+            state.ema[k].lerp_(v, 1 - decay)
+
+
+class _Swap:
+    """Temporarily load the EMA LoRA weights (no-op without EMA)."""
+
+    def __init__(self, run: Run, state: TrainState):
+        self.run, self.state, self.saved = run, state, None
+
+    def __enter__(self):
+        if self.state.ema is not None:
+            self.saved = self.run.adapter.lora_state_dict()
+            self.run.adapter.load_lora_state_dict(self.state.ema)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.run.adapter.load_lora_state_dict(self.saved)
+
+
+@torch.no_grad()
+def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
+    """Deterministic (ODE) samples, one per prompt, with the evaluation step count and the rollout CFG."""
+    s, ad = run.cfg.sampler, run.adapter
+    seeds = [mix_seed(seed, i) for i in range(len(prompts))]
+    ctx = ad.reference() if reference else _nullcontext()
+    with ctx:
+        ro = tree_rollout(_velocity(run, s.guidance_scale), TreeSchedule(s.eval_steps), ad.sigmas(s.eval_steps), seeds,
+                          ad.latent_shape, kind="ode", cond=ad.encode(prompts), max_batch=run.cfg.train.minibatch,
+                          device=ad.device)
+    return ad.decode(ro.leaves.flatten(0, 1))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
+    """Held-out accuracy: the shapes verifier's strict score (or the first reward's mean for other prompts)."""
+    images = sample_images(run, run.eval_prompts, seed=999, reference=reference)
+    name = "shapes" if run.cfg.data.eval_prompts.startswith("shapes") else next(iter(run.rewards))
+    fn = run.rewards.get(name) or reward_registry.load(name)
+    scores, valid = score_batch({name: fn}, images, run.eval_prompts)
+    return {"accuracy": float(scores[name][valid].mean())}
+
+
+def write_grid(run: Run, state: TrainState) -> None:
+    prompts = run.eval_prompts[:GRID_PROMPTS]
+    images = sample_images(run, prompts, seed=4242)
+    image_grid(images, run.out / f"samples_step{state.step:05d}.png", ncol=len(prompts), captions=prompts)
+
+
+def log_step(run: Run, state: TrainState, metrics: dict) -> None:
+    state.history.append(metrics)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if run.writer is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step":
+                run.writer.add_scalar(k, v, metrics["step"])
+        run.writer.flush()
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    tensors = {"lora": run.adapter.lora_state_dict()}
+    if state.ema is not None:
+        tensors["ema"] = state.ema
+    checkpoint.save(run.out, state.step, tensors, run.optimizer.state_dict(),
+                    {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy})
+
+
+def restore(run: Run) -> TrainState:
+    """The state of the newest checkpoint in the run directory (metrics.jsonl is rewritten to match it)."""
+    path = checkpoint.latest(run.out)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.out}")
+    tensors, opt_state, saved = checkpoint.load(path)
+    run.adapter.load_lora_state_dict(tensors["lora"])
+    run.optimizer.load_state_dict(opt_state)
+    state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
+                       base_accuracy=saved["base_accuracy"], ema=tensors.get("ema"))
+    tmp = run.out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in state.history))
+    os.replace(tmp, run.out / "metrics.jsonl")
+    log.info("resumed from %s (step %d)", path, state.step)
+    return state
+
+
+def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
+          on_step: Optional[Callable[[TrainState], None]] = None) -> dict:
+    """Run RL fine-tuning from a validated config; returns the summary (also written to summary.json)."""
+    t_start = time.perf_counter()
+    run = build(cfg, Path(out or cfg.log.out))
+    (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    state = restore(run) if resume else TrainState()
+    if not resume:
+        (run.out / "metrics.jsonl").write_text("")
+        state.base_accuracy = evaluate(run)["accuracy"]
+        state.evals.append({"step": 0, "accuracy": state.base_accuracy})
+        write_grid(run, state)
+    bar = tqdm(range(state.step, cfg.train.steps), initial=state.step, total=cfg.train.steps, desc="RL")
+    for step in bar:
+        metrics = train_step(run, state, step)
+        state.step = step + 1
+        if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 and state.step < cfg.train.steps:
+            with _Swap(run, state):
+                state.evals.append({"step": state.step, **evaluate(run)})
+            metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
+        log_step(run, state, metrics)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
+        if cfg.log.sample_every and state.step % cfg.log.sample_every == 0:
+            with _Swap(run, state):
+                write_grid(run, state)
+        if state.step % cfg.log.checkpoint_every == 0 or state.step == cfg.train.steps:
+            save_checkpoint(run, state)
+        if on_step is not None:
+            on_step(state)
+    return finish(run, state, time.perf_counter() - t_start)
+
+
+def train_step(run: Run, state: TrainState, step: int) -> dict:
+    """One RL iteration; returns its metrics."""
+    batch = collect(run, step)
+    t0 = time.perf_counter()
+    leaf_r, valid, scores = score(run, batch)
+    adv, mask = advantage(run, batch, leaf_r, valid, step)
+    stats = optimize(run, batch, adv, mask)
+    ema_update(run, state)
+    r = leaf_r[valid]
+    return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+            "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": run.optimizer.param_groups[0]["lr"],
+            "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
+            "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
+            "first_ratio_dev": stats.get("ratio_dev", 0.0),
+            "trained_edges": int(mask.sum()), "invalid": int((~valid).sum()),
+            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}}
+
+
+def finish(run: Run, state: TrainState, wall_s: float) -> dict:
+    """Final evaluation, plots, the diffusers-format LoRA and summary.json."""
+    with _Swap(run, state):
+        final = evaluate(run)["accuracy"]
+        write_grid(run, state)
+    if not state.evals or state.evals[-1]["step"] != state.step:
+        state.evals.append({"step": state.step, "accuracy": final})
+    run.adapter.save_lora(str(run.out / "lora"), state.ema)
+    line_plot({"reward": ([m["step"] for m in state.history], [m["reward_mean"] for m in state.history]),
+               "held-out accuracy": ([e["step"] for e in state.evals], [e["accuracy"] for e in state.evals])},
+              run.out / "curves.png", "reward and held-out strict accuracy")
+    summary = {"base_accuracy": state.base_accuracy, "final_accuracy": final, "wall_s": round(wall_s, 1),
+               "steps": state.step, "evals": state.evals}
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.writer is not None:
+        run.writer.close()
+    return summary
