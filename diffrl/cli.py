@@ -26,6 +26,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffrl.inference import load_for_inference, sample
+    from diffrl.viz import image_grid
+
+    adapter = load_for_inference(args.model, args.lora, args.device)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    images = sample(adapter, prompts, args.seed, args.steps, args.guidance)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, Path(args.out), ncol=args.num, captions=prompts)
+    print(f"wrote {args.out} ({len(prompts)} images)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from diffrl.inference import load_for_inference, sample, shapes_accuracy
+    from diffrl.prompts import eval_prompts
+
+    adapter = load_for_inference(args.model, args.lora, args.device)
+    prompts = eval_prompts(args.prompts, args.n)
+    result = shapes_accuracy(sample(adapter, prompts, args.seed, args.steps, args.guidance), prompts)
+    print(json.dumps(result))
+    return 0
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="assets/tiny-sd3-shapes", help="diffusers folder or hub id")
+    p.add_argument("--lora", help="LoRA folder written by diffrl train (run_dir/lora)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=999)
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffrl import __version__
 
@@ -44,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run directory (default: log.out of the config)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     tr.set_defaults(func=_train)
+    sp = sub.add_parser("sample", help="images from a base model plus an optional LoRA (deterministic sampler)")
+    _inference_args(sp)
+    sp.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    sp.add_argument("--num", type=int, default=4, help="images per prompt")
+    sp.add_argument("--out", default="samples.png")
+    sp.set_defaults(func=_sample)
+    ev = sub.add_parser("eval", help="shapes-verifier strict accuracy of a base model plus an optional LoRA")
+    _inference_args(ev)
+    ev.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
+    ev.add_argument("--n", type=int, default=64, help="number of held-out prompts")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -26,6 +26,7 @@ from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, tree_node_values,
 )
 from diffrl.config import Config, to_dict
+from diffrl.inference import sample, shapes_accuracy
 from diffrl.loss import policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import trained_edges, tree_rollout
@@ -266,33 +267,20 @@ class _Swap:
             self.run.adapter.load_lora_state_dict(self.saved)
 
 
-@torch.no_grad()
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
-    """Deterministic (ODE) samples, one per prompt, with the evaluation step count and the rollout CFG."""
-    s, ad = run.cfg.sampler, run.adapter
-    seeds = [mix_seed(seed, i) for i in range(len(prompts))]
-    ctx = ad.reference() if reference else _nullcontext()
-    with ctx:
-        ro = tree_rollout(_velocity(run, s.guidance_scale), TreeSchedule(s.eval_steps), ad.sigmas(s.eval_steps), seeds,
-                          ad.latent_shape, kind="ode", cond=ad.encode(prompts), max_batch=run.cfg.train.minibatch,
-                          device=ad.device)
-    return ad.decode(ro.leaves.flatten(0, 1))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG."""
+    s = run.cfg.sampler
+    return sample(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.cfg.train.minibatch, reference)
 
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
-    """Held-out accuracy: the shapes verifier's strict score (or the first reward's mean for other prompts)."""
+    """Held-out accuracy: the shapes verifier's strict score per kind (or the first reward's mean for other
+    prompts)."""
     images = sample_images(run, run.eval_prompts, seed=999, reference=reference)
-    name = "shapes" if run.cfg.data.eval_prompts.startswith("shapes") else next(iter(run.rewards))
-    fn = run.rewards.get(name) or reward_registry.load(name)
-    scores, valid = score_batch({name: fn}, images, run.eval_prompts)
+    if run.cfg.data.eval_prompts.startswith("shapes"):
+        return shapes_accuracy(images, run.eval_prompts)
+    name = next(iter(run.rewards))
+    scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts)
     return {"accuracy": float(scores[name][valid].mean())}
 
 
@@ -347,8 +335,9 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
     state = restore(run) if resume else TrainState()
     if not resume:
         (run.out / "metrics.jsonl").write_text("")
-        state.base_accuracy = evaluate(run)["accuracy"]
-        state.evals.append({"step": 0, "accuracy": state.base_accuracy})
+        base = evaluate(run)
+        state.base_accuracy = base["accuracy"]
+        state.evals.append({"step": 0, **base})
         write_grid(run, state)
     bar = tqdm(range(state.step, cfg.train.steps), initial=state.step, total=cfg.train.steps, desc="RL")
     for step in bar:
@@ -391,10 +380,11 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     """Final evaluation, plots, the diffusers-format LoRA and summary.json."""
     with _Swap(run, state):
-        final = evaluate(run)["accuracy"]
+        result = evaluate(run)
         write_grid(run, state)
+    final = result["accuracy"]
     if not state.evals or state.evals[-1]["step"] != state.step:
-        state.evals.append({"step": state.step, "accuracy": final})
+        state.evals.append({"step": state.step, **result})
     run.adapter.save_lora(str(run.out / "lora"), state.ema)
     line_plot({"reward": ([m["step"] for m in state.history], [m["reward_mean"] for m in state.history]),
                "held-out accuracy": ([e["step"] for e in state.evals], [e["accuracy"] for e in state.evals])},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-REGISTRY: dict[str, str] = {"shapes": "rewards.shapes:build"}
+REGISTRY: dict[str, str] = {"shapes": "rewards.shapes:build", "shapes_partial": "rewards.shapes:build_partial"}
 
 
 def register(name: str) -> Callable:

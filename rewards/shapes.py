@@ -122,7 +122,19 @@ def shapes_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def build(**options) -> "callable":
-    """Registry factory: the shapes reward takes no options."""
+    """Registry factory: the shapes reward takes no options (its first score, ``strict``, is the training one)."""
     if options:
         raise ValueError(f"the shapes reward takes no options, got {sorted(options)}")
     return shapes_reward
+
+
+def partial_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The same scores with ``partial`` first: a denser training signal than the 0/1 ``strict`` one."""
+    out = shapes_reward(media, prompts)
+    return {"partial": out["partial"], "strict": out["strict"]}
+
+
+def build_partial(**options) -> "callable":
+    """Registry factory of ``partial_reward``."""
+    build(**options)
+    return partial_reward

@@ -1,0 +1,124 @@
+"""The trainer end to end on the shipped tiny model: one iteration, exact on-policy ratio, kill-and-resume,
+LoRA export into plain diffrl-free diffusers, bad rewards and bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrl.config import load_config
+from diffrl.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = os.environ.get("DIFFRL_TEST_MODEL", str(ROOT / "assets" / "tiny-sd3-shapes"))
+TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_steps=4", "sampler.split_steps=[1]", "sampler.eval_steps=4",
+        "train.prompts_per_step=2", "data.eval_size=4", "log.eval_every=0", "log.sample_every=0",
+        "log.tensorboard=false"]
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def tiny_cfg(*extra):
+    return load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), TINY + list(extra))
+
+
+def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
+    summary = train(tiny_cfg("train.steps=1"), out=str(tmp_path))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1
+    m = metrics[0]
+    for key in ("step", "reward_mean", "reward_std", "kl", "clip_frac", "lr", "rollout_s", "train_s", "nfe"):
+        assert key in m
+    assert m["first_ratio_dev"] == 0.0  # every ratio exactly 1 before the first update
+    assert m["nfe"] == 2 * (1 + 1 + 2 + 2)  # two trees of TreeSchedule(4, [1])
+    for key in ("base_accuracy", "final_accuracy", "wall_s", "steps"):
+        assert key in summary
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "config.yaml").is_file()
+    from safetensors.torch import load_file
+
+    lora = load_file(str(tmp_path / "checkpoint-000001" / "lora.safetensors"))
+    ups = [v for k, v in lora.items() if "lora_B" in k]
+    assert ups and any(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: the update moved it
+
+
+def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.inference import load_for_inference, sample
+    from diffrl.tree import mix_seed, step_noise
+
+    train(tiny_cfg("train.steps=1", "train.lr=0.05"), out=str(tmp_path))
+    prompts = ["a red circle to the left of a blue square", "three green triangles"]
+    ours = sample(load_for_inference(MODEL, str(tmp_path / "lora")), prompts, seed=7, steps=6, guidance=4.5)
+    pipe = StableDiffusion3Pipeline.from_pretrained(MODEL)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    latents = torch.cat([step_noise(mix_seed(7, i), -1, 1, (4, 32, 32)) for i in range(2)])
+    theirs = pipe(prompts, num_inference_steps=6, guidance_scale=4.5, latents=latents, height=32, width=32,
+                  output_type="pt", max_sequence_length=16).images
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+    base = StableDiffusion3Pipeline.from_pretrained(MODEL)(prompts, num_inference_steps=6, guidance_scale=4.5,
+                                                           latents=latents, height=32, width=32, output_type="pt",
+                                                           max_sequence_length=16).images
+    assert (base - theirs).abs().max() > 1e-2  # the LoRA really changes the samples
+
+
+def _metrics(run_dir):
+    drop = ("rollout_s", "train_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
+    args = TINY + ["train.steps=4", "log.checkpoint_every=1"]
+    cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes.yaml"), *args]
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (tmp_path / "b" / "checkpoint-000002").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # now somewhere inside step 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert len(_metrics(tmp_path / "b")) == 4
+
+
+def test_a_reward_that_fails_on_one_sample_drops_it_and_the_run_continues(tmp_path, caplog, monkeypatch):
+    (tmp_path / "flaky_reward.py").write_text(
+        "import math, torch\n"
+        "from rewards.shapes import shapes_reward\n"
+        "def reward(media, prompts):\n"
+        "    out = shapes_reward(media, prompts)['partial']\n"
+        "    out[0] = math.nan\n"
+        "    return {'partial': out}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_cfg("train.steps=1", "rewards={'flaky_reward:reward': 1.0}")
+    train(cfg, out=str(tmp_path / "run"))
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert m["invalid"] == 1 and m["trained_edges"] > 0
+    assert "reward 'flaky_reward:reward' gave nan for prompt" in caplog.text
+
+
+def test_cli_config_errors_are_one_sentence_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\nmodel:\n  path: /nonexistent/model\n")
+    out = subprocess.run([sys.executable, "-m", "diffrl", "train", str(bad)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert f"{bad}: unknown key 'train.stepz' (did you mean 'train.steps'?)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_missing_model_path_is_one_sentence(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes.yaml"),
+                          "model.path=/nonexistent/model", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
