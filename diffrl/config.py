@@ -96,6 +96,8 @@ class LogConfig:
     eval_every: int = 20
     checkpoint_every: int = 5
     tensorboard: bool = True
+    save_advantages: bool = False
+    """Write every step's node advantages (all trees) to the run directory, for checking and debugging."""
 
 
 @dataclass

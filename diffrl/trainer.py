@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import yaml
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -25,7 +26,8 @@ from diffrl.adapters import load_adapter_class
 from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, tree_node_values,
 )
-from diffrl.config import Config, to_dict
+from diffrl.config import Config, ConfigError, to_dict
+from diffrl.distributed import average_gradients, barrier, gather_rows, setup
 from diffrl.inference import sample, shapes_accuracy
 from diffrl.loss import policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
@@ -55,6 +57,8 @@ class Run:
     prompts: PromptStream
     eval_prompts: list[str]
     writer: Any = None
+    rank: int = 0
+    world: int = 1
 
 
 @dataclass
@@ -70,7 +74,9 @@ class TrainState:
 
 @dataclass
 class Batch:
-    prompts: list[str]  # one per tree
+    prompts: list[str]  # one per tree of this process
+    all_prompts: list[str]  # one per tree of every process, in rank order
+    first_tree: int  # global index of this process's first tree
     rollout: TreeRollout
     images: Tensor  # [trees * leaves, 3, H, W]
     rollout_s: float
@@ -78,6 +84,10 @@ class Batch:
 
 def build(cfg: Config, out: Path) -> Run:
     """Load the model (LoRA attached), the rewards, the optimizer and the prompt sources."""
+    rank, world = setup(cfg.model.device)
+    if cfg.train.prompts_per_step % world:
+        raise ConfigError(f"'train.prompts_per_step' ({cfg.train.prompts_per_step}) must be divisible by the "
+                          f"number of processes ({world})")
     out.mkdir(parents=True, exist_ok=True)
     adapter_cls = load_adapter_class(cfg.model.family)
     adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
@@ -87,12 +97,12 @@ def build(cfg: Config, out: Path) -> Run:
     rewards = {name: reward_registry.load(name) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     s = cfg.sampler
-    writer = _tensorboard(out) if cfg.log.tensorboard else None
+    writer = _tensorboard(out) if cfg.log.tensorboard and rank == 0 else None
     return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out), eval_prompts=held_out,
-               writer=writer)
+               writer=writer, rank=rank, world=world)
 
 
 def _tensorboard(out: Path):
@@ -109,11 +119,15 @@ def _velocity(run: Run, guidance: float) -> Callable:
 
 
 def collect(run: Run, step: int) -> Batch:
-    """Tree (or flat) SDE rollouts of this step's prompts; every tree's seed derives from (seed, step, tree)."""
+    """Tree (or flat) SDE rollouts of this process's share of the step's prompts; every tree's seed derives from
+    (seed, step, global tree index), so N processes roll out exactly the trees one process would."""
     cfg, t0 = run.cfg, time.perf_counter()
     per_prompt = run.prompts.at(step, cfg.train.prompts_per_step)
-    prompts = [p for p in per_prompt for _ in range(cfg.train.trees_per_prompt)]
-    seeds = [mix_seed(cfg.train.seed, step, i) for i in range(len(prompts))]
+    all_prompts = [p for p in per_prompt for _ in range(cfg.train.trees_per_prompt)]
+    n = len(all_prompts) // run.world
+    first = run.rank * n
+    prompts = all_prompts[first : first + n]
+    seeds = [mix_seed(cfg.train.seed, step, first + i) for i in range(n)]
     s = cfg.sampler
     sde = window_mask(s.num_steps, *s.sde_window) if s.sde_window else None
     with torch.no_grad():
@@ -122,20 +136,23 @@ def collect(run: Run, step: int) -> Batch:
                           sde_steps=sde, cond=run.adapter.encode(prompts), max_batch=cfg.train.minibatch,
                           device=run.adapter.device)
         images = run.adapter.decode(ro.leaves.flatten(0, 1))
-    return Batch(prompts=prompts, rollout=ro, images=images, rollout_s=time.perf_counter() - t0)
+    return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first, rollout=ro, images=images,
+                 rollout_s=time.perf_counter() - t0)
 
 
 def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Leaf rewards ``[trees, leaves]`` (weighted sum, or GDPO-normalised), validity, and the raw scores."""
+    """Leaf rewards ``[trees, leaves]`` of every process's trees (weighted sum, or GDPO-normalised), validity, and
+    the raw scores; each process scores its own leaves, then the rewards are gathered."""
     leaves = run.schedule.num_leaves
     leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
     scores, valid = score_batch(run.rewards, batch.images, leaf_prompts)
-    groups = _prompt_groups(batch.prompts).repeat_interleave(leaves)
+    scores, valid = {k: gather_rows(v) for k, v in scores.items()}, gather_rows(valid)
+    groups = _prompt_groups(batch.all_prompts).repeat_interleave(leaves)
     if run.cfg.train.reward_aggregation == "gdpo":
         total = sum(w * group_advantages(scores[k], groups, valid=valid) for k, w in run.cfg.rewards.items())
     else:
         total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
-    shape = (len(batch.prompts), leaves)
+    shape = (len(batch.all_prompts), leaves)
     return total.reshape(shape), valid.reshape(shape), scores
 
 
@@ -151,7 +168,7 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) 
     edges that lead only to invalid leaves are not trained.
     """
     cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
-    groups = _prompt_groups(batch.prompts)
+    groups = _prompt_groups(batch.all_prompts)
     leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
     means = torch.zeros(int(groups.max()) + 1).index_add_(0, leaf_groups[valid], leaf_r[valid])
     counts = torch.zeros_like(means).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
@@ -163,9 +180,12 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) 
         leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
         m = sched.leaf_matrix.float()
         node_adv = (leaf_adv @ m.T) / m.sum(1)
-    adv = clip_advantages(node_adv[tr.tree, tr.child], cfg.train.adv_clip)
+    if cfg.log.save_advantages and run.rank == 0:
+        save_file({"node_advantages": node_adv.contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
+    rows = batch.first_tree + tr.tree  # this process's trees among all
+    adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
     reaches_valid = (valid.float() @ sched.leaf_matrix.float().T) > 0
-    return adv, _train_mask(run, batch, step) & reaches_valid[tr.tree, tr.child]
+    return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
 
 
 def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
@@ -211,6 +231,7 @@ def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, flo
                     stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
                     for name, v in stats.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / total
+        average_gradients(ad.trainable_parameters())
         torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
         run.optimizer.step()
     return stats_sum
@@ -328,35 +349,57 @@ def restore(run: Run) -> TrainState:
 
 def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
           on_step: Optional[Callable[[TrainState], None]] = None) -> dict:
-    """Run RL fine-tuning from a validated config; returns the summary (also written to summary.json)."""
+    """Run RL fine-tuning from a validated config; returns the summary (also written to summary.json).
+
+    With several processes every one rolls out and trains its share; the first one alone evaluates, logs and
+    writes checkpoints, so the others return an empty summary.
+    """
     t_start = time.perf_counter()
     run = build(cfg, Path(out or cfg.log.out))
-    (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    state = restore(run) if resume else TrainState()
-    if not resume:
+    state = begin(run, resume)
+    bar = tqdm(range(state.step, cfg.train.steps), initial=state.step, total=cfg.train.steps, desc="RL",
+               disable=run.rank != 0)
+    for step in bar:
+        metrics = train_step(run, state, step)
+        state.step = step + 1
+        if run.rank == 0:
+            after_step(run, state, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
+        if on_step is not None:
+            on_step(state)
+    summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 else {}
+    barrier()
+    return summary
+
+
+def begin(run: Run, resume: bool) -> TrainState:
+    """A fresh state (with the base model's held-out accuracy and first sample grid) or the restored one."""
+    if resume:
+        return restore(run)
+    state = TrainState()
+    if run.rank == 0:
+        (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
         (run.out / "metrics.jsonl").write_text("")
         base = evaluate(run)
         state.base_accuracy = base["accuracy"]
         state.evals.append({"step": 0, **base})
         write_grid(run, state)
-    bar = tqdm(range(state.step, cfg.train.steps), initial=state.step, total=cfg.train.steps, desc="RL")
-    for step in bar:
-        metrics = train_step(run, state, step)
-        state.step = step + 1
-        if cfg.log.eval_every and state.step % cfg.log.eval_every == 0 and state.step < cfg.train.steps:
-            with _Swap(run, state):
-                state.evals.append({"step": state.step, **evaluate(run)})
-            metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
-        log_step(run, state, metrics)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
-        if cfg.log.sample_every and state.step % cfg.log.sample_every == 0:
-            with _Swap(run, state):
-                write_grid(run, state)
-        if state.step % cfg.log.checkpoint_every == 0 or state.step == cfg.train.steps:
-            save_checkpoint(run, state)
-        if on_step is not None:
-            on_step(state)
-    return finish(run, state, time.perf_counter() - t_start)
+    return state
+
+
+def after_step(run: Run, state: TrainState, metrics: dict) -> None:
+    """Periodic evaluation, logging, sample grid and checkpoint (first process only)."""
+    log_cfg = run.cfg.log
+    if log_cfg.eval_every and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps:
+        with _Swap(run, state):
+            state.evals.append({"step": state.step, **evaluate(run)})
+        metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
+    log_step(run, state, metrics)
+    if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
+        with _Swap(run, state):
+            write_grid(run, state)
+    if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps:
+        save_checkpoint(run, state)
 
 
 def train_step(run: Run, state: TrainState, step: int) -> dict:

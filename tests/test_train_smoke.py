@@ -14,11 +14,8 @@ import torch
 from diffrl.config import load_config
 from diffrl.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = os.environ.get("DIFFRL_TEST_MODEL", str(ROOT / "assets" / "tiny-sd3-shapes"))
-TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_steps=4", "sampler.split_steps=[1]", "sampler.eval_steps=4",
-        "train.prompts_per_step=2", "data.eval_size=4", "log.eval_every=0", "log.sample_every=0",
-        "log.tensorboard=false"]
+from tests_helpers import MODEL, ROOT, TINY
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 

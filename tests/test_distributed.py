@@ -1,0 +1,34 @@
+"""Two CPU processes under ``accelerate launch`` shard the prompts and compute the same advantages as one."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests_helpers import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+
+
+def run(out: Path, launcher: list[str]) -> None:
+    args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.steps=2", "train.prompts_per_step=4",
+            "log.save_advantages=true", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_give_the_advantages_of_one(tmp_path):
+    run(tmp_path / "one", [sys.executable])
+    run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    for step in (1, 2):
+        name = f"advantages_step{step:05d}.safetensors"
+        one = load_file(str(tmp_path / "one" / name))["node_advantages"]
+        two = load_file(str(tmp_path / "two" / name))["node_advantages"]
+        assert one.shape == (4, 1 + 1 + 2 + 2 + 2) and one.abs().sum() > 0
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
