@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests_helpers import ROOT, TINY
+from tests_helpers import BRIGHT, ROOT, SUBPROCESS_ENV, TINY
 
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, launcher: list[str]) -> None:
     args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.steps=2", "train.prompts_per_step=4",
-            "log.save_advantages=true", "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+            "log.save_advantages=true", BRIGHT, "--out", str(out)]
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

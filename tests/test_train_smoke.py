@@ -14,7 +14,7 @@ import torch
 from diffrl.config import load_config
 from diffrl.trainer import train
 
-from tests_helpers import MODEL, ROOT, TINY
+from tests_helpers import BRIGHT, MODEL, ROOT, SUBPROCESS_ENV, TINY
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -24,7 +24,7 @@ def tiny_cfg(*extra):
 
 
 def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
-    summary = train(tiny_cfg("train.steps=1"), out=str(tmp_path))
+    summary = train(tiny_cfg("train.steps=1", BRIGHT), out=str(tmp_path))
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1
     m = metrics[0]
@@ -49,7 +49,7 @@ def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path):
     from diffrl.inference import load_for_inference, sample
     from diffrl.tree import mix_seed, step_noise
 
-    train(tiny_cfg("train.steps=1", "train.lr=0.05"), out=str(tmp_path))
+    train(tiny_cfg("train.steps=1", "train.lr=0.05", BRIGHT), out=str(tmp_path))
     prompts = ["a red circle to the left of a blue square", "three green triangles"]
     ours = sample(load_for_inference(MODEL, str(tmp_path / "lora")), prompts, seed=7, steps=6, guidance=4.5)
     pipe = StableDiffusion3Pipeline.from_pretrained(MODEL)
@@ -72,17 +72,18 @@ def _metrics(run_dir):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
-    args = TINY + ["train.steps=4", "log.checkpoint_every=1"]
+    args = TINY + ["train.steps=4", "log.checkpoint_every=1", BRIGHT]
     cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes.yaml"), *args]
-    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=SUBPROCESS_ENV)
     deadline = time.time() + 600
     while not (tmp_path / "b" / "checkpoint-000002").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)  # now somewhere inside step 3
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert len(_metrics(tmp_path / "b")) == 4
 

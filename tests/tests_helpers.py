@@ -7,3 +7,12 @@ MODEL = os.environ.get("DIFFRL_TEST_MODEL", str(ROOT / "assets" / "tiny-sd3-shap
 TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_steps=4", "sampler.split_steps=[1]",
         "sampler.eval_steps=4", "train.prompts_per_step=2", "data.eval_size=4", "log.eval_every=0",
         "log.sample_every=0", "log.tensorboard=false"]
+
+
+def brightness(media, prompts):
+    """A continuous test reward (mean pixel value): every leaf differs, so advantages are never all zero."""
+    return {"brightness": media.float().mean(dim=(1, 2, 3))}
+
+
+BRIGHT = "rewards={'tests_helpers:brightness': 1.0}"
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
