@@ -38,6 +38,14 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     return final
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it into place (never half-written)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def latest(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint folder, or None."""
     found = sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / "state.json").is_file())

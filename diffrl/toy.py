@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffrl.advantages import depthwise_advantages, group_advantages, tree_node_values
+from diffrl.checkpoint import atomic_write_text
 from diffrl.loss import policy_loss
 from diffrl.rollout import trained_edges, tree_rollout
 from diffrl.schedule import flow_sigmas
@@ -192,16 +192,10 @@ def _write_outputs(out: Path, cfg: ToyConfig, history: list[dict], summary: dict
                    after: Tensor) -> None:
     from diffrl.viz import reward_curve, scatter_pair
 
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    _atomic_write(out / "summary.json", json.dumps({"config": asdict(cfg), **summary}, indent=2))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(out / "summary.json", json.dumps({"config": asdict(cfg), **summary}, indent=2))
     scatter_pair(before, after, mode_centers(), out / "samples.png", ("pretrained", "after RL"))
     reward_curve([h["reward"] for h in history], out / "reward.png", "mean leaf reward per iteration")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _report(summary: dict, out: Path, log) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,9 +339,7 @@ def restore(run: Run) -> TrainState:
     run.optimizer.load_state_dict(opt_state)
     state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
                        base_accuracy=saved["base_accuracy"], ema=tensors.get("ema"))
-    tmp = run.out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in state.history))
-    os.replace(tmp, run.out / "metrics.jsonl")
+    checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     log.info("resumed from %s (step %d)", path, state.step)
     return state
 
