@@ -10,7 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-REGISTRY: dict[str, str] = {"shapes": "rewards.shapes:build", "shapes_partial": "rewards.shapes:build_partial"}
+REGISTRY: dict[str, str] = {
+    "shapes": "rewards.shapes:build",
+    "shapes_partial": "rewards.shapes:build_partial",
+    "jpeg_compressibility": "rewards.jpeg:build_compressibility",
+    "jpeg_incompressibility": "rewards.jpeg:build_incompressibility",
+    "av_sync": "rewards.av_sync:build",
+}
 
 
 def register(name: str) -> Callable:
