@@ -12,7 +12,18 @@ from diffrl.tree import TreeSchedule
 from diffrl.types import StepOut, Transitions, TreeRollout
 
 __version__ = "0.1.0"
+
+
+def load_reward(name_or_path: str, **options):
+    """A reward ``reward(media, prompts) -> {name: float tensor (batch,)}`` by built-in name (``shapes``, ``av_sync``,
+    ...), by the name an installed package registers under the ``diffrl.rewards`` entry-point group, or by a
+    ``"pkg.module:attr"`` path to a function, class or factory (called with ``options``)."""
+    import rewards
+
+    return rewards.load(name_or_path, **options)
+
 __all__ = [
     "StepOut", "Transitions", "TreeRollout", "TreeSchedule", "ddim_step", "depthwise_advantages", "gaussian_log_prob",
-    "gdpo_advantages", "group_advantages", "policy_loss", "rl_guidance", "rloo_advantages", "sde_step", "tree_rollout",
+    "gdpo_advantages", "group_advantages", "load_reward", "policy_loss", "rl_guidance", "rloo_advantages", "sde_step",
+    "tree_rollout",
 ]

@@ -8,6 +8,7 @@ stays cheap.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any, Callable
 
 REGISTRY: dict[str, str] = {
@@ -42,13 +43,28 @@ def _import(path: str) -> Any:
     return obj
 
 
+ENTRY_POINT_GROUP = "diffrl.rewards"
+
+
+def plugins() -> dict[str, str]:
+    """Rewards installed packages register under the ``diffrl.rewards`` entry-point group: name -> "module:attr"."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def load(name_or_path: str, **options: Any) -> Callable:
-    """The reward callable for a registered name or a ``"pkg.module:attr"`` path."""
+    """The reward callable for a built-in name, an installed plug-in's name or a ``"pkg.module:attr"`` path.
+
+    Names resolve to factories (called with ``options``); a path to a class or, with options, to a factory is
+    called with them, a path to a function is used as is.
+    """
     if name_or_path in REGISTRY:
         return _import(REGISTRY[name_or_path])(**options)
+    installed = plugins()
+    if name_or_path in installed:
+        return _import(installed[name_or_path])(**options)
     if ":" not in name_or_path:
-        raise ValueError(f"unknown reward {name_or_path!r}; registered rewards are {sorted(REGISTRY)}, "
-                         "or give a 'pkg.module:function' path")
+        raise ValueError(f"unknown reward {name_or_path!r}; built-in rewards are {sorted(REGISTRY)}, installed "
+                         f"plug-ins {sorted(installed)}; or give a 'pkg.module:function' path")
     obj = _import(name_or_path)
     if isinstance(obj, type) or options:
         return obj(**options)

@@ -1,0 +1,40 @@
+"""diffrl.load_reward: built-in names, dotted paths and entry-point plug-ins (the contract checks outside call)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import diffrl
+
+
+def test_builtin_name_and_dotted_path():
+    images = torch.zeros(2, 3, 32, 32)
+    out = diffrl.load_reward("shapes")(images, ["a red circle", "two blue squares"])
+    assert set(out) == {"strict", "partial"} and out["strict"].shape == (2,) and out["strict"].dtype == torch.float32
+    path = diffrl.load_reward("rewards.jpeg:build_compressibility", quality=50)
+    assert path(images, ["", ""])["jpeg_compressibility"].shape == (2,)
+
+
+def test_unknown_names_say_what_exists():
+    with pytest.raises(ValueError, match="unknown reward 'aesthetik'.*built-in rewards are"):
+        diffrl.load_reward("aesthetik")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.mod'"):
+        diffrl.load_reward("no_such_pkg.mod:fn")
+
+
+def test_an_installed_plugin_registers_by_entry_point(tmp_path):
+    (tmp_path / "my_reward_pkg.py").write_text(textwrap.dedent("""
+        import torch
+        def build(scale=1.0):
+            return lambda media, prompts: {"mine": torch.full((len(prompts),), scale)}
+    """))
+    dist = tmp_path / "my_reward_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-reward-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[diffrl.rewards]\nmine = my_reward_pkg:build\n")
+    code = "import diffrl; print(diffrl.load_reward('mine', scale=2.5)(None, ['a', 'b'])['mine'].tolist())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path)}, check=True)
+    assert out.stdout.strip() == "[2.5, 2.5]"
