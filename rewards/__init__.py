@@ -17,6 +17,10 @@ REGISTRY: dict[str, str] = {
     "jpeg_compressibility": "rewards.jpeg:build_compressibility",
     "jpeg_incompressibility": "rewards.jpeg:build_incompressibility",
     "av_sync": "rewards.av_sync:build",
+    "clip_score": "rewards.clip_score:build",
+    "aesthetic": "rewards.aesthetic:build",
+    "pickscore": "rewards.pickscore:build",
+    "hpsv2": "rewards.hpsv2:build",
 }
 
 
