@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "rewards.aesthetic:build",
     "pickscore": "rewards.pickscore:build",
     "hpsv2": "rewards.hpsv2:build",
+    "ocr": "rewards.ocr:build",
 }
 
 
