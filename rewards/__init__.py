@@ -60,8 +60,14 @@ def load(name_or_path: str, **options: Any) -> Callable:
     """The reward callable for a built-in name, an installed plug-in's name or a ``"pkg.module:attr"`` path.
 
     Names resolve to factories (called with ``options``); a path to a class or, with options, to a factory is
-    called with them, a path to a function is used as is.
+    called with them, a path to a function is used as is. ``"video:NAME"`` applies reward NAME to sampled frames
+    (options ``stride`` and ``reduction``, see ``rewards.video``).
     """
+    if name_or_path.startswith("video:"):
+        from rewards.video import on_frames
+
+        frame_options = {k: options.pop(k) for k in ("stride", "reduction") if k in options}
+        return on_frames(load(name_or_path[len("video:"):], **options), **frame_options)
     if name_or_path in REGISTRY:
         return _import(REGISTRY[name_or_path])(**options)
     installed = plugins()

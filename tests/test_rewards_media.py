@@ -87,3 +87,23 @@ def test_registered_by_name():
     assert rewards.load("jpeg_compressibility")(torch.zeros(2, 3, 8, 8), ["", ""])["jpeg_compressibility"].shape == (2,)
     with pytest.raises(ValueError, match="max_offset_s"):
         rewards.load("av_sync", max_offset_s=0)
+
+
+def test_image_reward_on_video_frames_with_reduction():
+    def brightness(media, prompts):
+        return {"bright": media.mean(dim=(1, 2, 3))}
+
+    from rewards.video import on_frames, temporal_consistency
+
+    video = torch.stack([torch.full((3, 4, 4), v) for v in (0.2, 0.4, 0.9, 0.5, 0.1)])[None].repeat(2, 1, 1, 1, 1)
+    out = on_frames(brightness, stride=2, reduction="min")(video, ["a", "b"])
+    assert torch.allclose(out["bright"], torch.tensor([0.1, 0.1]))  # frames 0, 2, 4 -> 0.2, 0.9, 0.1
+    assert on_frames(brightness, stride=2)(video, ["a", "b"])["bright"][0].item() == pytest.approx(0.4)
+    assert out["temporal_consistency"][0].item() == pytest.approx(1 - (0.2 + 0.5 + 0.4 + 0.4) / 4)
+    assert temporal_consistency(torch.zeros(1, 3, 3, 2, 2)).item() == 1.0
+    import rewards
+
+    jpeg = rewards.load("video:jpeg_compressibility", stride=3, quality=90)(video, ["a", "b"])
+    assert set(jpeg) == {"jpeg_compressibility", "temporal_consistency"} and jpeg["jpeg_compressibility"].shape == (2,)
+    with pytest.raises(ValueError, match="unknown reduction 'max'"):
+        rewards.load("video:jpeg_compressibility", reduction="max")
