@@ -54,6 +54,37 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    import yaml
+
+    import rewards
+    from rewards.remote import make_server
+
+    options = {}
+    for text in args.option:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            print(f"diffrl: --option {text!r} must be key=value", file=sys.stderr)
+            return 2
+        options[key] = yaml.safe_load(value)
+    try:
+        reward = rewards.load(args.reward, **options)
+    except (ValueError, TypeError, RuntimeError, ImportError) as e:
+        print(f"diffrl: cannot load reward {args.reward!r}: {e}", file=sys.stderr)
+        return 2
+    server = make_server(reward, args.reward, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving reward {args.reward} on http://{host}:{port} (POST /score, GET /health); Ctrl-C stops",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="assets/tiny-sd3-shapes", help="diffusers folder or hub id")
     p.add_argument("--lora", help="LoRA folder written by diffrl train (run_dir/lora)")
@@ -92,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
     ev.add_argument("--n", type=int, default=64, help="number of held-out prompts")
     ev.set_defaults(func=_eval)
+    sr = sub.add_parser("serve-reward", help="serve a reward function over HTTP (JSON + PNG, never pickle)")
+    sr.add_argument("reward", help="a reward name or pkg.module:function")
+    sr.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sr.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    sr.add_argument("--option", action="append", default=[], help="key=value passed to the reward (repeatable)")
+    sr.set_defaults(func=_serve_reward)
     return parser
 
 

@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "pickscore": "rewards.pickscore:build",
     "hpsv2": "rewards.hpsv2:build",
     "ocr": "rewards.ocr:build",
+    "remote": "rewards.remote:build",
 }
 
 
