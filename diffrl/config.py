@@ -107,6 +107,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rewards: dict[str, float] = field(default_factory=lambda: {"shapes": 1.0})
     """Reward name (or pkg.module:fn) -> weight. A reward returning several scores uses its first."""
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Reward name -> keyword options for it (e.g. ``aesthetic: {weights: /path/head.pth}``, ``remote: {url: ...}``)."""
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -120,6 +122,8 @@ CHOICES = {
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
     if origin is typing.Union:
         return any(_type_ok(value, a) for a in args)
     if tp is type(None):
@@ -219,6 +223,8 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     if not cfg.rewards:
         errors.append(f"{where}: 'rewards' is empty; name at least one reward")
+    errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
+               for k in cfg.reward_options if k not in cfg.rewards]
     return errors
 
 

@@ -93,7 +93,7 @@ def build(cfg: Config, out: Path) -> Run:
                                           attention=cfg.model.attention)
     torch.manual_seed(cfg.train.seed)
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
-    rewards = {name: reward_registry.load(name) for name in cfg.rewards}
+    rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     s = cfg.sampler
     writer = _tensorboard(out) if cfg.log.tensorboard and rank == 0 else None

@@ -61,3 +61,13 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [1, 2\n"))
+
+
+def test_reward_options_go_with_a_named_reward(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("rewards: {ocr: 1.0, jpeg_compressibility: 0.1}\nreward_options: {ocr: {engine: tesseract}}\n")
+    assert load_config(str(good)).reward_options == {"ocr": {"engine": "tesseract"}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewards: {ocr: 1.0}\nreward_options: {aesthetic: {weights: head.pth}}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'reward_options.aesthetic' names no reward in 'rewards'"):
+        load_config(str(bad))
