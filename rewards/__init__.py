@@ -49,7 +49,39 @@ def _import(path: str) -> Any:
     return obj
 
 
+# What each built-in reward reads (image, video, audio: audio-video training routes its advantage by this) and
+# whether its scores are differentiable functions of the pixels.
+META: dict[str, tuple[tuple[str, ...], bool]] = {
+    "shapes": (("image",), False), "shapes_partial": (("image",), False),
+    "jpeg_compressibility": (("image",), False), "jpeg_incompressibility": (("image",), False),
+    "av_sync": (("video", "audio"), False), "clip_score": (("image",), True), "aesthetic": (("image",), True),
+    "pickscore": (("image",), True), "hpsv2": (("image",), True), "ocr": (("image", "video"), False),
+    "remote": (("image", "video"), False),
+}
 ENTRY_POINT_GROUP = "diffrl.rewards"
+
+
+def describe(reward: Callable, modalities: tuple[str, ...] = ("image",), differentiable: bool = False) -> Callable:
+    """Declare what a reward reads and whether it is differentiable (attributes ``modalities``, ``differentiable``);
+    a custom reward can also just set those attributes itself."""
+    if not hasattr(reward, "__dict__"):  # bound methods, builtins: wrap to carry the attributes
+
+        def wrapped(media, prompts):
+            return reward(media, prompts)
+
+        reward = wrapped
+    reward.modalities = tuple(modalities)
+    reward.differentiable = bool(differentiable)
+    return reward
+
+
+def modalities(reward: Callable) -> tuple[str, ...]:
+    """The modalities a reward reads (``("image",)`` unless it declares otherwise)."""
+    return tuple(getattr(reward, "modalities", ("image",)))
+
+
+def is_differentiable(reward: Callable) -> bool:
+    return bool(getattr(reward, "differentiable", False))
 
 
 def plugins() -> dict[str, str]:
@@ -68,9 +100,11 @@ def load(name_or_path: str, **options: Any) -> Callable:
         from rewards.video import on_frames
 
         frame_options = {k: options.pop(k) for k in ("stride", "reduction") if k in options}
-        return on_frames(load(name_or_path[len("video:"):], **options), **frame_options)
+        inner = load(name_or_path[len("video:"):], **options)
+        return describe(on_frames(inner, **frame_options), ("video",), is_differentiable(inner))
     if name_or_path in REGISTRY:
-        return _import(REGISTRY[name_or_path])(**options)
+        reward = _import(REGISTRY[name_or_path])(**options)
+        return describe(reward, *META.get(name_or_path, (("image",), False)))
     installed = plugins()
     if name_or_path in installed:
         return _import(installed[name_or_path])(**options)

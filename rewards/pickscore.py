@@ -7,7 +7,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -34,7 +33,6 @@ def build(model: str = "yuvalkirstain/PickScore_v1", processor: str = "laion/CLI
     """Registry factory: ``model`` and ``processor`` are hub ids or local folders (transformers format)."""
     clip, tokenizer, cfg = _load(model, processor, device)
 
-    @torch.no_grad()
     def reward(media, prompts: Sequence[str]) -> dict[str, Tensor]:
         pixels = preprocess(as_tensor(media).to(device), cfg["size"], cfg["mean"], cfg["std"])
         img = clip.get_image_features(pixel_values=pixels)

@@ -38,3 +38,20 @@ def test_an_installed_plugin_registers_by_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(tmp_path)}, check=True)
     assert out.stdout.strip() == "[2.5, 2.5]"
+
+
+def test_rewards_declare_modalities_and_differentiability():
+    import rewards
+
+    assert rewards.modalities(diffrl.load_reward("av_sync")) == ("video", "audio")
+    assert rewards.modalities(diffrl.load_reward("shapes")) == ("image",)
+    assert not rewards.is_differentiable(diffrl.load_reward("jpeg_compressibility"))
+    video = diffrl.load_reward("video:jpeg_compressibility")
+    assert rewards.modalities(video) == ("video",) and not rewards.is_differentiable(video)
+
+    def custom(media, prompts):
+        return {"x": torch.zeros(len(prompts))}
+
+    assert rewards.modalities(custom) == ("image",)
+    described = rewards.describe(custom, ("audio",), differentiable=True)
+    assert rewards.modalities(described) == ("audio",) and rewards.is_differentiable(described)

@@ -137,3 +137,11 @@ def test_pickscore_equals_clipmodel_logits(tmp_path):
     assert torch.allclose(s, out.logits_per_image.diagonal(), atol=1e-4)
     with pytest.raises(RewardModelError, match="pickscore: cannot load"):
         rewards.load("pickscore", model=str(tmp_path / "nothing"), processor=str(tmp_path / "proc"))
+
+
+def test_clip_rewards_are_differentiable_in_the_pixels():
+    reward = rewards.load("clip_score", model=TINY, pretrained=None)
+    assert rewards.is_differentiable(reward)
+    x = images(4).requires_grad_(True)
+    reward(x, PROMPTS)["clip_score"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
