@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping, Sequence
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,11 +39,24 @@ def _call(name: str, fn: Callable, media: Sequence, prompts: Sequence[str]) -> T
         return torch.cat([_call(name, fn, media[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts))])
 
 
-def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
-    """Every reward on a batch: ``({name: [B]}, valid [B] bool)``; invalid samples hold 0 and are logged."""
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffrl-reward")
+
+
+def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str],
+                timeout: Optional[float] = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Every reward on a batch, the rewards concurrently (threads): ``({name: [B]}, valid [B] bool)``; invalid samples
+    hold 0 and are logged. A reward still running after ``timeout`` seconds fails the batch's samples (its thread
+    cannot be stopped and finishes in the background)."""
+    futures = {name: _POOL.submit(_call, name, fn, media, prompts) for name, fn in rewards.items()}
+    deadline = None if timeout is None else time.monotonic() + timeout
     scores, valid = {}, torch.ones(len(prompts), dtype=torch.bool)
-    for name, fn in rewards.items():
-        s = _call(name, fn, media, prompts)
+    for name, future in futures.items():
+        try:
+            s = future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            log.warning("reward %r took longer than %.3g s on a batch of %d: its samples are left out", name,
+                        timeout, len(prompts))
+            s = torch.full((len(prompts),), math.nan)
         bad = ~torch.isfinite(s)
         for i in bad.nonzero().flatten().tolist():
             log.warning("reward %r gave %s for prompt %r: the sample is left out of the update", name, s[i].item(),

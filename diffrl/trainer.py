@@ -144,7 +144,7 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     the raw scores; each process scores its own leaves, then the rewards are gathered."""
     leaves = run.schedule.num_leaves
     leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
-    scores, valid = score_batch(run.rewards, batch.images, leaf_prompts)
+    scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
     scores, valid = {k: gather_rows(v) for k, v in scores.items()}, gather_rows(valid)
     groups = _prompt_groups(batch.all_prompts).repeat_interleave(leaves)
     if run.cfg.train.reward_aggregation == "gdpo":
@@ -300,7 +300,7 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     if run.cfg.data.eval_prompts.startswith("shapes"):
         return shapes_accuracy(images, run.eval_prompts)
     name = next(iter(run.rewards))
-    scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts)
+    scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts, run.cfg.train.reward_timeout_s)
     return {"accuracy": float(scores[name][valid].mean())}
 
 

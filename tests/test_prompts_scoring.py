@@ -52,3 +52,23 @@ def test_a_raising_or_nan_sample_is_dropped_with_a_warning(caplog):
 def test_a_reward_failing_everywhere_stops_the_run():
     with pytest.raises(RewardError, match="every sample"):
         score_batch({"flaky": flaky_reward}, [None] * 2, ["bad", "bad too"])
+
+
+def test_rewards_run_concurrently_and_a_slow_one_times_out(caplog):
+    import time
+
+    def slow(media, prompts):
+        time.sleep(1.0)
+        return {"s": torch.ones(len(prompts))}
+
+    def fast(media, prompts):
+        return {"f": torch.full((len(prompts),), 2.0)}
+
+    t0 = time.monotonic()
+    scores, valid = score_batch({"slow": slow, "slow too": slow}, [None] * 2, ["a", "b"])
+    assert time.monotonic() - t0 < 1.8 and valid.all()  # both slept at once
+    t0 = time.monotonic()
+    with pytest.raises(RewardError, match="every sample"):
+        score_batch({"slow": slow, "fast": fast}, [None] * 2, ["a", "b"], timeout=0.2)
+    assert time.monotonic() - t0 < 0.9
+    assert "reward 'slow' took longer than 0.2 s on a batch of 2" in caplog.text
