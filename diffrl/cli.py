@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -139,6 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffrl.scoring import RewardError
 
     args = build_parser().parse_args(argv)
+    if os.getcwd() not in sys.path:  # "my_module:reward" paths resolve from the current directory, as with python -m
+        sys.path.insert(0, os.getcwd())
     if getattr(args, "iterations", 1) < 1:
         print("diffrl: --iterations must be >= 1", file=sys.stderr)
         return 2

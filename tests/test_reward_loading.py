@@ -55,3 +55,32 @@ def test_rewards_declare_modalities_and_differentiability():
     assert rewards.modalities(custom) == ("image",)
     described = rewards.describe(custom, ("audio",), differentiable=True)
     assert rewards.modalities(described) == ("audio",) and rewards.is_differentiable(described)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_examples_custom_rewards_load_three_ways(tmp_path):
+    images = torch.zeros(2, 3, 8, 8)
+    images[0, 0] = 1.0
+    red = diffrl.load_reward("examples.custom_reward:redness")(images, ["a", "b"])["redness"]
+    assert red.tolist() == [1.0, 0.0]
+    sat = diffrl.load_reward("examples.custom_reward:Saturation", power=2.0)
+    assert sat(images, ["a", "b"])["saturation"].tolist() == [1.0, 0.0]
+    # the plug-in package: its entry point names its build function
+    meta = (ROOT / "examples/reward_plugin/pyproject.toml").read_text()
+    assert '[project.entry-points."diffrl.rewards"]\nredness = "redness_reward:build"' in meta
+    code = ("import sys; sys.path.insert(0, 'examples/reward_plugin/src'); import torch, redness_reward; "
+            "x = torch.zeros(1, 3, 4, 4); x[:, 0] = 1; print(redness_reward.build(scale=2)(x, ['a'])['redness'].item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "2.0"
+    # the CLI resolves dotted paths from the current directory, and serves them
+    proc = subprocess.Popen([sys.executable, "-m", "diffrl", "serve-reward", "examples.custom_reward:redness",
+                             "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        url = proc.stdout.readline().split()[4]
+        remote = diffrl.load_reward("remote", url=url)(images, ["a", "b"])["redness"]
+        assert remote.tolist() == [1.0, 0.0]
+    finally:
+        proc.terminate()
+        proc.wait(10)
