@@ -69,6 +69,9 @@ class TrainConfig:
     adv_clip: float = 5.0
     advantage: str = "tree"
     """tree (depth-wise), grpo or rloo (the last two on leaves)."""
+    rollout_chunks: int = 1
+    """Roll a step's trees out in this many chunks; each chunk's rewards run in a background thread while the next
+    chunk rolls out (1: one batched rollout, nothing overlaps)."""
     reward_timeout_s: float = 600.0
     """A reward still running after this many seconds on a batch fails that batch's samples (left out, warned)."""
     reward_aggregation: str = "sum"
@@ -217,7 +220,7 @@ def validate(cfg: Config, where: str) -> list[str]:
     positive = {"sampler.num_steps": s.num_steps, "train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs, "train.lr": t.lr,
                 "train.clip_range": t.clip_range, "sampler.eval_steps": s.eval_steps,
-                "train.reward_timeout_s": t.reward_timeout_s,
+                "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     if not 0 < s.timestep_fraction <= 1:

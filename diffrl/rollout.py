@@ -5,6 +5,7 @@ transformer (adapters wrap their model as such a function). Flat GRPO is ``TreeS
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -128,3 +129,19 @@ def trained_edges(transitions: Transitions, train_steps: Optional[Tensor] = None
     if train_steps is not None:
         mask &= train_steps.bool().to(mask.device)[transitions.step]
     return mask
+
+
+def concat_rollouts(parts: Sequence[TreeRollout]) -> TreeRollout:
+    """Rollouts of consecutive chunks of trees as one rollout: tree indices renumbered in chunk order.
+
+    parts[i].leaves ``[T_i, L, ...]`` -> leaves ``[sum T_i, L, ...]``; transitions concatenated; NFE summed.
+    """
+    offset, transitions = 0, []
+    for part in parts:
+        t = part.transitions
+        transitions.append(dataclasses.replace(t, tree=t.tree + offset))
+        offset += part.leaves.shape[0]
+    merged = Transitions(**{f.name: torch.cat([getattr(t, f.name) for t in transitions])
+                            for f in dataclasses.fields(Transitions)})
+    return TreeRollout(leaves=torch.cat([p.leaves for p in parts]), leaf_ids=parts[0].leaf_ids,
+                       transitions=merged, nfe=sum(p.nfe for p in parts))

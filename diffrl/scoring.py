@@ -46,7 +46,14 @@ def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Seque
                 timeout: Optional[float] = None) -> tuple[dict[str, Tensor], Tensor]:
     """Every reward on a batch, the rewards concurrently (threads): ``({name: [B]}, valid [B] bool)``; invalid samples
     hold 0 and are logged. A reward still running after ``timeout`` seconds fails the batch's samples (its thread
-    cannot be stopped and finishes in the background)."""
+    cannot be stopped and finishes in the background). Raises ``RewardError`` when no sample is valid."""
+    scores, valid = score_samples(rewards, media, prompts, timeout)
+    return scores, check_valid(valid, rewards)
+
+
+def score_samples(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str],
+                  timeout: Optional[float] = None) -> tuple[dict[str, Tensor], Tensor]:
+    """``score_batch`` without the all-invalid check (for a part of a batch)."""
     futures = {name: _POOL.submit(_call, name, fn, media, prompts) for name, fn in rewards.items()}
     deadline = None if timeout is None else time.monotonic() + timeout
     scores, valid = {}, torch.ones(len(prompts), dtype=torch.bool)
@@ -63,6 +70,11 @@ def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Seque
                         prompts[i])
         valid &= ~bad
         scores[name] = torch.where(bad, torch.zeros_like(s), s)
+    return scores, valid
+
+
+def check_valid(valid: Tensor, rewards: Mapping[str, Callable]) -> Tensor:
+    """``valid`` unchanged, or ``RewardError`` when every sample failed."""
     if not valid.any():
         raise RewardError(f"every sample of the batch failed a reward ({', '.join(rewards)}); see the warnings above")
-    return scores, valid
+    return valid

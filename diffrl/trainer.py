@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,9 +31,9 @@ from diffrl.distributed import average_gradients, barrier, gather_rows, setup
 from diffrl.inference import sample, shapes_accuracy
 from diffrl.loss import policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
-from diffrl.rollout import trained_edges, tree_rollout
+from diffrl.rollout import concat_rollouts, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
-from diffrl.scoring import score_batch
+from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.sde import sde_step
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.types import TreeRollout
@@ -40,6 +41,7 @@ from diffrl.viz import image_grid, line_plot
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
+_SCORING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrl-chunk-scoring")
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Batch:
     rollout: TreeRollout
     images: Tensor  # [trees * leaves, 3, H, W]
     rollout_s: float
+    pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -119,7 +122,9 @@ def _velocity(run: Run, guidance: float) -> Callable:
 
 def collect(run: Run, step: int) -> Batch:
     """Tree (or flat) SDE rollouts of this process's share of the step's prompts; every tree's seed derives from
-    (seed, step, global tree index), so N processes roll out exactly the trees one process would."""
+    (seed, step, global tree index), so N processes roll out exactly the trees one process would. With
+    ``train.rollout_chunks > 1`` the trees roll out chunk by chunk and each chunk is scored in a background thread
+    while the next one rolls out."""
     cfg, t0 = run.cfg, time.perf_counter()
     per_prompt = run.prompts.at(step, cfg.train.prompts_per_step)
     all_prompts = [p for p in per_prompt for _ in range(cfg.train.trees_per_prompt)]
@@ -127,24 +132,38 @@ def collect(run: Run, step: int) -> Batch:
     first = run.rank * n
     prompts = all_prompts[first : first + n]
     seeds = [mix_seed(cfg.train.seed, step, first + i) for i in range(n)]
-    s = cfg.sampler
+    s, leaves = cfg.sampler, run.schedule.num_leaves
     sde = window_mask(s.num_steps, *s.sde_window) if s.sde_window else None
-    with torch.no_grad():
-        ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, seeds, run.adapter.latent_shape,
-                          kind=s.kind, noise_level=s.noise_level, split_noise_scale=s.split_noise_scale,
-                          sde_steps=sde, cond=run.adapter.encode(prompts), max_batch=cfg.train.minibatch,
-                          device=run.adapter.device)
-        images = run.adapter.decode(ro.leaves.flatten(0, 1))
-    return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first, rollout=ro, images=images,
-                 rollout_s=time.perf_counter() - t0)
+    parts, images, pending = [], [], []
+    for idx in torch.arange(n).tensor_split(min(cfg.train.rollout_chunks, n)):
+        chunk = [prompts[i] for i in idx.tolist()]
+        with torch.no_grad():
+            ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, [seeds[i] for i in idx.tolist()],
+                              run.adapter.latent_shape, kind=s.kind, noise_level=s.noise_level,
+                              split_noise_scale=s.split_noise_scale, sde_steps=sde, cond=run.adapter.encode(chunk),
+                              max_batch=cfg.train.minibatch, device=run.adapter.device)
+            parts.append(ro)
+            images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
+        if cfg.train.rollout_chunks > 1:
+            pending.append(_SCORING.submit(score_samples, run.rewards, images[-1],
+                                           [p for p in chunk for _ in range(leaves)], cfg.train.reward_timeout_s))
+    return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first,
+                 rollout=parts[0] if len(parts) == 1 else concat_rollouts(parts), images=torch.cat(images),
+                 rollout_s=time.perf_counter() - t0, pending_scores=pending)
 
 
 def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Leaf rewards ``[trees, leaves]`` of every process's trees (weighted sum, or GDPO-normalised), validity, and
-    the raw scores; each process scores its own leaves, then the rewards are gathered."""
+    the raw scores; each process scores its own leaves (or collects its chunks' background scores), then the
+    rewards are gathered."""
     leaves = run.schedule.num_leaves
     leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
-    scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
+    if batch.pending_scores:
+        done = [f.result() for f in batch.pending_scores]
+        scores = {k: torch.cat([d[0][k] for d in done]) for k in run.rewards}
+        valid = check_valid(torch.cat([d[1] for d in done]), run.rewards)
+    else:
+        scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
     scores, valid = {k: gather_rows(v) for k, v in scores.items()}, gather_rows(valid)
     groups = _prompt_groups(batch.all_prompts).repeat_interleave(leaves)
     if run.cfg.train.reward_aggregation == "gdpo":

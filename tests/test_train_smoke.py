@@ -120,3 +120,22 @@ def test_cli_missing_model_path_is_one_sentence(tmp_path):
                          timeout=120)
     assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_chunked_rollouts_scored_in_the_background_match_one_batch(tmp_path):
+    from diffrl.trainer import build, collect, score
+
+    results = []
+    for chunks in (1, 3):
+        cfg = tiny_cfg(f"train.rollout_chunks={chunks}", "train.prompts_per_step=3", BRIGHT)
+        run = build(cfg, tmp_path / str(chunks))
+        batch = collect(run, 0)
+        assert len(batch.pending_scores) == (0 if chunks == 1 else 3)
+        leaf_r, valid, _ = score(run, batch)
+        results.append((batch, leaf_r, valid))
+    (b1, r1, v1), (b3, r3, v3) = results
+    assert b1.rollout.nfe == b3.rollout.nfe
+    assert torch.equal(b1.rollout.transitions.tree.sort().values, b3.rollout.transitions.tree.sort().values)
+    torch.testing.assert_close(b3.rollout.leaves, b1.rollout.leaves, atol=1e-4, rtol=0)  # same seeds, other batches
+    torch.testing.assert_close(r3, r1, atol=1e-4, rtol=0)
+    assert v1.all() and v3.all()
