@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import rewards
+from diffrl.shapes import prompts as shapes_prompts
 from rewards.aesthetic import AestheticHead
 
 
@@ -69,7 +70,8 @@ def main() -> None:
                 continue
             reward = build()
             media = media_for(name, args.batch)
-            prompts = [f'a sign that says "DIFFRL {i}"' for i in range(args.batch)]
+            prompts = (shapes_prompts(args.batch) if name == "shapes"
+                       else [f'a sign that says "DIFFRL {i}"' for i in range(args.batch)])
             reward(media, prompts)  # warm-up: model loads, first-call allocations
             t0 = time.perf_counter()
             for _ in range(args.repeats):
