@@ -79,6 +79,8 @@ class TrainConfig:
     minibatch: int = 64
     """Transitions per backward pass; gradients accumulate over the step's minibatches."""
     inner_epochs: int = 1
+    updates_per_epoch: int = 1
+    """Optimizer steps per inner epoch: the step's trees are split into this many groups, one step each."""
     max_grad_norm: float = 1.0
     ema_decay: float = 0.0
     """EMA of the LoRA weights used for evaluation and export (0 disables it)."""
@@ -218,7 +220,8 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: a group size of {group} (train.trees_per_prompt x leaves per tree) has no "
                       "variance to learn from; use at least 2 leaves per prompt")
     positive = {"sampler.num_steps": s.num_steps, "train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
-                "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs, "train.lr": t.lr,
+                "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs,
+                "train.updates_per_epoch": t.updates_per_epoch, "train.lr": t.lr,
                 "train.clip_range": t.clip_range, "sampler.eval_steps": s.eval_steps,
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}

@@ -30,13 +30,15 @@ def gather_rows(t: Tensor) -> Tensor:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of the gradients over processes (each process's loss is a mean over its own edges)."""
+    """Mean of the gradients over processes (each process's loss is a mean over its own edges; a process with no
+    edges in this update contributes zeros, so every process reduces the same tensors)."""
     if not dist.is_initialized():
         return
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
 def barrier() -> None:

@@ -226,32 +226,38 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, float]:
-    """Clipped-ratio updates on the trained edges, step by step; each parent's velocity is computed once and
-    in the rollout's batches, so before the first update the ratio is exactly 1. Gradients accumulate over all
-    the step's edges; one optimizer step per inner epoch."""
+    """Clipped-ratio updates on the trained edges. Each inner epoch splits the step's trees into
+    ``train.updates_per_epoch`` groups and takes one optimizer step per group (gradients accumulate over the group's
+    edges, step by step, in minibatches). Each parent's velocity is computed once and in the rollout's batches, so
+    before the first update the ratio is exactly 1 (with several groups, the first group's batches are smaller than
+    the rollout's: 1 up to float rounding); the statistics are those of the first epoch."""
     cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
-    total = int(mask.sum())
-    if total == 0:
+    if int(mask.sum()) == 0:
         return {}
     cond_all = ad.encode(batch.prompts)
     n_elem = math.prod(ad.latent_shape)
+    groups = torch.arange(len(batch.prompts)).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
-        run.optimizer.zero_grad(set_to_none=True)
-        for k in sorted(set(tr.step[mask].tolist())):
-            e, parents, inverse = _step_groups(tr, mask, k)
-            for chunk in torch.arange(len(parents)).split(cfg.train.minibatch):
-                sel = torch.isin(inverse, chunk)
-                stats = _edge_loss(run, tr, adv, e[sel], parents[chunk], inverse[sel] - chunk[0], cond_all, n_elem,
-                                   total)
-                if epoch == 0:
+        for u, trees in enumerate(groups):
+            part = mask & torch.isin(tr.tree, trees)
+            total = int(part.sum())
+            run.optimizer.zero_grad(set_to_none=True)
+            for k in sorted(set(tr.step[part].tolist())):
+                e, parents, inverse = _step_groups(tr, part, k)
+                for chunk in torch.arange(len(parents)).split(cfg.train.minibatch):
+                    sel = torch.isin(inverse, chunk)
+                    stats = _edge_loss(run, tr, adv, e[sel], parents[chunk], inverse[sel] - chunk[0], cond_all,
+                                       n_elem, total)
                     dev = stats.pop("ratio_dev")
-                    stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
-                    for name, v in stats.items():
-                        stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / total
-        average_gradients(ad.trainable_parameters())
-        torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
-        run.optimizer.step()
+                    if epoch == 0:
+                        if u == 0:
+                            stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
+                        for name, v in stats.items():
+                            stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / int(mask.sum())
+            average_gradients(ad.trainable_parameters())
+            torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
+            run.optimizer.step()
     return stats_sum
 
 

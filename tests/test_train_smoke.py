@@ -43,6 +43,17 @@ def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
     assert ups and any(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: the update moved it
 
 
+def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path):
+    from diffrl import checkpoint
+
+    train(tiny_cfg("train.steps=1", "train.updates_per_epoch=2", "train.inner_epochs=2", BRIGHT), out=str(tmp_path))
+    _, optimizer, _ = checkpoint.load(checkpoint.latest(tmp_path))
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {4.0}  # 2 epochs x 2 groups of trees
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["first_ratio_dev"] < 1e-5  # the first group starts on policy (its batches differ from the rollout's)
+    assert m["approx_kl"] > 0  # the second group's ratios saw the first group's update
+
+
 def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
