@@ -43,6 +43,24 @@ def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
     assert ups and any(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: the update moved it
 
 
+@pytest.mark.parametrize("reward, sign", [("tests_helpers:brightness", 1), ("tests_helpers:darkness", -1)])
+def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(tmp_path, reward, sign):
+    """Policy-gradient direction end to end (rollout -> reward -> advantage -> loss -> LoRA): re-rolling the same
+    prompts and seeds after each update makes them brighter for a brightness reward and darker for its negation."""
+    from diffrl import trainer
+
+    cfg = tiny_cfg(f"rewards={{'{reward}': 1.0}}", "train.prompts_per_step=4", "train.lr=3e-3", "train.kl_weight=0",
+                   "train.advantage=grpo")
+    run = trainer.build(cfg, tmp_path)
+    before = float(trainer.collect(run, 0).images.mean())
+    for _ in range(4):
+        batch = trainer.collect(run, 0)
+        leaf_r, valid, _ = trainer.score(run, batch)
+        trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, 0))
+    after = float(trainer.collect(run, 0).images.mean())
+    assert sign * (after - before) > 0.05 * before
+
+
 def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path):
     from diffrl import checkpoint
 

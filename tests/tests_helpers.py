@@ -16,3 +16,8 @@ def brightness(media, prompts):
 
 BRIGHT = "rewards={'tests_helpers:brightness': 1.0}"
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
+
+
+def darkness(media, prompts):
+    """The negated ``brightness`` reward."""
+    return {"darkness": -media.float().mean(dim=(1, 2, 3))}
