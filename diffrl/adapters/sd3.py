@@ -1,38 +1,27 @@
 """Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline): the image family, and the embedded tiny model.
 
-The adapter owns everything SD3-specific: loading, prompt encoding (cached), the velocity call with classifier-free
-guidance, the sigma schedule (the pipeline scheduler's own), decoding, and LoRA via peft.
+The adapter owns everything SD3-specific: prompt encoding (cached), the velocity call with classifier-free guidance,
+the sigma schedule (the pipeline scheduler's own) and decoding; loading and LoRA come from ``DiffusersAdapter``.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from diffrl.backends import check_attention_backend
+from diffrl.adapters.base import DiffusersAdapter, ModelLoadError, load_pipeline
 from diffrl.guidance import cfg
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["SD3Adapter", "ModelLoadError"]
 
 
-class ModelLoadError(RuntimeError):
-    """The model path or hub id cannot be loaded; the message says which and why."""
-
-
-class SD3Adapter:
+class SD3Adapter(DiffusersAdapter):
     """Wraps a ``StableDiffusion3Pipeline``. Conditioning is a dict ``{"embeds": [n, L, D], "pooled": [n, P]}``."""
 
     def __init__(self, pipe, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 77):
-        self.pipe = pipe.to(device)
-        self.device, self.dtype = torch.device(device), DTYPES[dtype]
-        self.transformer = pipe.transformer
+        super().__init__(pipe, device, dtype)
         self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_3.model_max_length)
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, self.transformer):
-            module.requires_grad_(False).eval()
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     @classmethod
@@ -41,18 +30,8 @@ class SD3Adapter:
         """Load a diffusers SD3 pipeline from a local folder or a hub id (``HF_HUB_OFFLINE=1`` is respected)."""
         from diffusers import StableDiffusion3Pipeline
 
-        check_attention_backend(attention, device)
-        looks_local = path.startswith((".", "/", "~")) or os.sep in path and not _is_hub_id(path)
-        if looks_local and not Path(path).expanduser().is_dir():
-            raise ModelLoadError(f"model path {path!r} does not exist (build the tiny model with "
-                                 "`python scripts/pretrain_tiny.py`, or give a diffusers folder or hub id)")
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=DTYPES[dtype])
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load an SD3 pipeline from {path!r}: {str(e).splitlines()[0]}") from None
-        if attention == "xformers":
-            pipe.enable_xformers_memory_efficient_attention()
-        return cls(pipe, device, dtype, max_sequence_length)
+        return cls(load_pipeline(StableDiffusion3Pipeline, path, dtype, attention, device), device, dtype,
+                   max_sequence_length)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -96,55 +75,6 @@ class SD3Adapter:
         v_u, v_c = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), embeds, pooled).chunk(2)
         return cfg(v_u, v_c, guidance_scale)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """``[n, C, h, w]`` latents -> ``[n, 3, H, W]`` images in [0, 1]."""
-        vae = self.pipe.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-
-    def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
-        """Attach trainable LoRA adapters (peft) to the transformer; the reference is the adapters switched off."""
-        from peft import LoraConfig
-
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                target_modules=list(targets)))
-        for name, p in self.transformer.named_parameters():
-            p.requires_grad_("lora_" in name)
-            if "lora_" in name:
-                p.data = p.data.float()
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """The reference (pre-RL) model: LoRA adapters disabled inside the block."""
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    def lora_state_dict(self) -> dict[str, Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
-
-    def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.transformer, state)
-
-    def save_lora(self, directory: str, state: Optional[dict[str, Tensor]] = None) -> None:
-        """Write the LoRA in the diffusers format that ``StableDiffusion3Pipeline.load_lora_weights`` reads."""
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state or self.lora_state_dict(),
-                                                   safe_serialization=True)
-
-
-def _is_hub_id(path: str) -> bool:
-    """``org/name`` with no local folder of that name."""
-    parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not Path(path).exists()
+        return self.decode_vae_latents(latents)

@@ -1,0 +1,105 @@
+"""What every diffusers-backed adapter shares: loading with one-sentence errors, LoRA via peft (the reference model
+is the adapters switched off), and the diffusers-format LoRA export. Family adapters subclass ``DiffusersAdapter``
+and add what is theirs: prompt encoding, the velocity call, the sigma schedule, latent layout and decoding.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from diffrl.backends import check_attention_backend
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model path or hub id cannot be loaded; the message says which and why."""
+
+
+def load_pipeline(pipeline_cls: Any, path: str, dtype: str, attention: str, device: str) -> Any:
+    """``pipeline_cls.from_pretrained(path)`` from a local folder or a hub id (``HF_HUB_OFFLINE=1`` is respected),
+    with a missing folder or an unloadable checkpoint reported in one sentence."""
+    check_attention_backend(attention, device)
+    looks_local = path.startswith((".", "/", "~")) or os.sep in path and not _is_hub_id(path)
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"model path {path!r} does not exist (build the tiny model with "
+                             "`python scripts/pretrain_tiny.py`, or give a diffusers folder or hub id)")
+    try:
+        pipe = pipeline_cls.from_pretrained(path, torch_dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a {pipeline_cls.__name__} from {path!r}: {str(e).splitlines()[0]}") from None
+    if attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    return pipe
+
+
+def _is_hub_id(path: str) -> bool:
+    """``org/name`` with no local folder of that name."""
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not Path(path).exists()
+
+
+class DiffusersAdapter:
+    """A diffusers pipeline with a trainable LoRA on its denoiser (``self.transformer``); subclasses implement the
+    family's model calls (``latent_shape``, ``sigmas``, ``encode``, ``velocity``, ``decode``)."""
+
+    def __init__(self, pipe: Any, device: str = "cpu", dtype: str = "float32"):
+        self.pipe = pipe.to(device)
+        self.device, self.dtype = torch.device(device), DTYPES[dtype]
+        self.transformer = pipe.transformer
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
+        """Attach trainable LoRA adapters (peft) to the transformer, in fp32; the reference is the adapters off."""
+        from peft import LoraConfig
+
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                target_modules=list(targets)))
+        for name, p in self.transformer.named_parameters():
+            p.requires_grad_("lora_" in name)
+            if "lora_" in name:
+                p.data = p.data.float()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The reference (pre-RL) model: LoRA adapters disabled inside the block."""
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+    def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.transformer, state)
+
+    def save_lora(self, directory: str, state: Optional[dict[str, Tensor]] = None) -> None:
+        """Write the LoRA in the diffusers format that the family pipeline's ``load_lora_weights`` reads."""
+        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state or self.lora_state_dict(),
+                                            safe_serialization=True)
+
+    @torch.no_grad()
+    def decode_vae_latents(self, latents: Tensor) -> Tensor:
+        """``[n, C, h, w]`` VAE-space latents (scaled and shifted as the pipeline keeps them) -> ``[n, 3, H, W]``
+        images in [0, 1]."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
