@@ -37,11 +37,13 @@ def shapes_accuracy(images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32"):
-    """An adapter for ``model`` with a diffusers-format LoRA folder loaded (and fused off: adapters stay toggleable)."""
+def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
+                       family: str = "sd3", resolution: Optional[int] = None):
+    """An adapter of ``family`` for ``model`` with a diffusers-format LoRA folder loaded (and fused off: adapters
+    stay toggleable)."""
     from diffrl.adapters import load_adapter_class
 
-    adapter = load_adapter_class("sd3").from_pretrained(model, device=device, dtype=dtype)
+    adapter = load_adapter_class(family).from_pretrained(model, device=device, dtype=dtype, resolution=resolution)
     if lora:
         adapter.pipe.load_lora_weights(lora)
     return adapter

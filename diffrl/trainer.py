@@ -93,7 +93,7 @@ def build(cfg: Config, out: Path) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     adapter_cls = load_adapter_class(cfg.model.family)
     adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                          attention=cfg.model.attention)
+                                          attention=cfg.model.attention, resolution=cfg.model.resolution)
     torch.manual_seed(cfg.train.seed)
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-ADAPTERS: dict[str, str] = {"sd3": "diffrl.adapters.sd3:SD3Adapter"}
+ADAPTERS: dict[str, str] = {"sd3": "diffrl.adapters.sd3:SD3Adapter", "flux": "diffrl.adapters.flux:FluxAdapter"}
 
 
 def load_adapter_class(name: str):

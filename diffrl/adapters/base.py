@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from diffrl.backends import check_attention_backend
+from diffrl.guidance import cfg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,6 +57,15 @@ class DiffusersAdapter:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
+
+    def guided(self, forward: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor, sigma: Tensor,
+               cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
+        """Classifier-free guidance against the empty prompt: ``forward(x, sigma, cond)`` on the unconditional and
+        conditional inputs as one batch, combined as v_u + g (v_c - v_u). ``cond`` holds ``[n, ...]`` tensors."""
+        u, n = self.encode([""]), x.shape[0]
+        both = {k: torch.cat([u[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
+        v_u, v_c = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+        return cfg(v_u, v_c, guidance_scale)
 
     def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
         """Attach trainable LoRA adapters (peft) to the transformer, in fp32; the reference is the adapters off."""

@@ -5,13 +5,12 @@ the sigma schedule (the pipeline scheduler's own) and decoding; loading and LoRA
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from diffrl.adapters.base import DiffusersAdapter, ModelLoadError, load_pipeline
-from diffrl.guidance import cfg
 
 __all__ = ["SD3Adapter", "ModelLoadError"]
 
@@ -19,24 +18,26 @@ __all__ = ["SD3Adapter", "ModelLoadError"]
 class SD3Adapter(DiffusersAdapter):
     """Wraps a ``StableDiffusion3Pipeline``. Conditioning is a dict ``{"embeds": [n, L, D], "pooled": [n, P]}``."""
 
-    def __init__(self, pipe, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 77):
+    def __init__(self, pipe, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 77,
+                 resolution: Optional[int] = None):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_3.model_max_length)
+        self._side = resolution // pipe.vae_scale_factor if resolution else self.transformer.config.sample_size
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa",
-                        max_sequence_length: int = 77) -> "SD3Adapter":
-        """Load a diffusers SD3 pipeline from a local folder or a hub id (``HF_HUB_OFFLINE=1`` is respected)."""
+                        max_sequence_length: int = 77, resolution: Optional[int] = None) -> "SD3Adapter":
+        """Load a diffusers SD3 pipeline from a local folder or a hub id (``HF_HUB_OFFLINE=1`` is respected);
+        ``resolution`` (pixels, square) defaults to the transformer's sample size."""
         from diffusers import StableDiffusion3Pipeline
 
         return cls(load_pipeline(StableDiffusion3Pipeline, path, dtype, attention, device), device, dtype,
-                   max_sequence_length)
+                   max_sequence_length, resolution)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.transformer.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+        return (self.transformer.config.in_channels, self._side, self._side)
 
     def sigmas(self, num_steps: int) -> Tensor:
         """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (shift included), ending at 0."""
@@ -66,14 +67,8 @@ class SD3Adapter(DiffusersAdapter):
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
         """``v(x [n, C, H, W], sigma [n])`` in fp32; with guidance > 1 the unconditional and conditional passes run
         as one batch and are combined as v_u + g (v_c - v_u)."""
-        if guidance_scale == 1.0:
-            return self._forward(x, sigma, cond["embeds"], cond["pooled"])
-        u = self.encode([""])
-        n = x.shape[0]
-        embeds = torch.cat([u["embeds"].expand(n, -1, -1), cond["embeds"]])
-        pooled = torch.cat([u["pooled"].expand(n, -1), cond["pooled"]])
-        v_u, v_c = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), embeds, pooled).chunk(2)
-        return cfg(v_u, v_c, guidance_scale)
+        forward = lambda x, sigma, c: self._forward(x, sigma, c["embeds"], c["pooled"])  # noqa: E731
+        return forward(x, sigma, cond) if guidance_scale == 1.0 else self.guided(forward, x, sigma, cond, guidance_scale)
 
     def decode(self, latents: Tensor) -> Tensor:
         """``[n, C, h, w]`` latents -> ``[n, 3, H, W]`` images in [0, 1]."""

@@ -1,0 +1,32 @@
+"""Tiny random pipelines of the non-SD3 families, built in code (no files, no hub), for the adapter tests."""
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from diffrl.adapters.tiny import CLIP_HIDDEN, CLIP_LEN, T5_DIM, clip_tokenizer, t5_tokenizer
+
+
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """An x1 AutoencoderKL (32 px images <-> 32 px latents) with FLUX-like scaling and shift."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=latent_channels,
+                         layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=1.5,
+                         shift_factor=0.1, mid_block_add_attention=False)
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0) -> FluxPipeline:
+    """FLUX.1 layout at toy size: double- and single-stream blocks, rotary ids, packed 2 x 2 latents."""
+    import torch
+
+    torch.manual_seed(seed)
+    tok, tok2 = clip_tokenizer(), t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=CLIP_HIDDEN, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_LEN,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=T5_DIM, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_DIM,
+                                         pooled_projection_dim=CLIP_HIDDEN, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=[4, 4, 8])
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=tiny_vae(),
+                        text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
