@@ -30,3 +30,40 @@ def tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0) -> FluxPipel
                                          axes_dims_rope=[4, 4, 8])
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=tiny_vae(),
                         text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
+
+
+def gemma_tokenizer():
+    """A character-level Gemma tokenizer built in code (letters, digits, the word marker and specials)."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    chars = ["\u2581", *string.ascii_lowercase, *string.ascii_uppercase, *string.digits, *".,:;'\"!?-()"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=2048)
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    """SANA layout at toy size (diffusers' own fast-test sizes): linear-attention DiT, DC-AE x2, Gemma 2."""
+    import torch
+    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tok = gemma_tokenizer()
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                         attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                         cross_attention_dim=8, caption_channels=8, sample_size=16)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    text_encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=64, num_attention_heads=2,
+                                            num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tok),
+                                            max_position_embeddings=2048, attn_implementation="eager"))
+    return SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib
 
-ADAPTERS: dict[str, str] = {"sd3": "diffrl.adapters.sd3:SD3Adapter", "flux": "diffrl.adapters.flux:FluxAdapter"}
+ADAPTERS: dict[str, str] = {
+    "sd3": "diffrl.adapters.sd3:SD3Adapter", "flux": "diffrl.adapters.flux:FluxAdapter",
+    "sana": "diffrl.adapters.sana:SanaAdapter",
+}
 
 
 def load_adapter_class(name: str):

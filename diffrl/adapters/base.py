@@ -58,11 +58,15 @@ class DiffusersAdapter:
             if module is not None:
                 module.requires_grad_(False).eval()
 
+    def unconditional(self) -> dict[str, Tensor]:
+        """The unconditional (empty prompt) conditioning, ``[1, ...]`` tensors, as the family's pipeline builds it."""
+        return self.encode([""])
+
     def guided(self, forward: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor, sigma: Tensor,
                cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
         """Classifier-free guidance against the empty prompt: ``forward(x, sigma, cond)`` on the unconditional and
         conditional inputs as one batch, combined as v_u + g (v_c - v_u). ``cond`` holds ``[n, ...]`` tensors."""
-        u, n = self.encode([""]), x.shape[0]
+        u, n = self.unconditional(), x.shape[0]
         both = {k: torch.cat([u[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
         v_u, v_c = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         return cfg(v_u, v_c, guidance_scale)
