@@ -30,6 +30,8 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16 (log-prob math is fp32 whatever this is)."""
     resolution: Optional[int] = None
     """Image side in pixels (square); None: the model's default (SD3: the transformer's sample size)."""
+    num_frames: Optional[int] = None
+    """Video families: frames per clip (Wan: 4k + 1); None: the family's default."""
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
     lora_rank: int = 8
@@ -228,6 +230,8 @@ def validate(cfg: Config, where: str) -> list[str]:
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if cfg.model.num_frames is not None and cfg.model.num_frames <= 0:
+        errors.append(f"{where}: 'model.num_frames' must be > 0, got {cfg.model.num_frames}")
     if cfg.model.resolution is not None and cfg.model.resolution <= 0:
         errors.append(f"{where}: 'model.resolution' must be > 0 pixels, got {cfg.model.resolution}")
     if not 0 < s.timestep_fraction <= 1:

@@ -38,12 +38,13 @@ def shapes_accuracy(images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
 
 
 def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
-                       family: str = "sd3", resolution: Optional[int] = None):
+                       family: str = "sd3", resolution: Optional[int] = None, num_frames: Optional[int] = None):
     """An adapter of ``family`` for ``model`` with a diffusers-format LoRA folder loaded (and fused off: adapters
     stay toggleable)."""
-    from diffrl.adapters import load_adapter_class
+    from diffrl.adapters import load_adapter_class, shape_options
 
-    adapter = load_adapter_class(family).from_pretrained(model, device=device, dtype=dtype, resolution=resolution)
+    adapter = load_adapter_class(family).from_pretrained(model, device=device, dtype=dtype,
+                                                         **shape_options(resolution, num_frames))
     if lora:
         adapter.pipe.load_lora_weights(lora)
     return adapter

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import rewards as reward_registry
 from diffrl import checkpoint
-from diffrl.adapters import load_adapter_class
+from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, tree_node_values,
 )
@@ -93,7 +93,8 @@ def build(cfg: Config, out: Path) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     adapter_cls = load_adapter_class(cfg.model.family)
     adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                          attention=cfg.model.attention, resolution=cfg.model.resolution)
+                                          attention=cfg.model.attention,
+                                          **shape_options(cfg.model.resolution, cfg.model.num_frames))
     torch.manual_seed(cfg.train.seed)
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
@@ -323,15 +324,21 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     prompts)."""
     images = sample_images(run, run.eval_prompts, seed=999, reference=reference)
     if run.cfg.data.eval_prompts.startswith("shapes"):
-        return shapes_accuracy(images, run.eval_prompts)
+        return shapes_accuracy(stills(images), run.eval_prompts)
     name = next(iter(run.rewards))
     scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts, run.cfg.train.reward_timeout_s)
     return {"accuracy": float(scores[name][valid].mean())}
 
 
+def stills(media: Tensor) -> Tensor:
+    """Images ``[n, 3, H, W]`` for grids and the shapes verifier: videos ``[n, F, 3, H, W]`` give their middle
+    frame."""
+    return media[:, media.shape[1] // 2] if media.dim() == 5 else media
+
+
 def write_grid(run: Run, state: TrainState) -> None:
     prompts = run.eval_prompts[:GRID_PROMPTS]
-    images = sample_images(run, prompts, seed=4242)
+    images = stills(sample_images(run, prompts, seed=4242))
     image_grid(images, run.out / f"samples_step{state.step:05d}.png", ncol=len(prompts), captions=prompts)
 
 

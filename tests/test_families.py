@@ -14,7 +14,7 @@ from diffrl.trainer import train
 from diffrl.tree import mix_seed, step_noise
 
 from tests_helpers import BRIGHT, ROOT, TINY
-from tiny_families import tiny_flux_pipeline, tiny_sana_pipeline
+from tiny_families import tiny_flux_pipeline, tiny_sana_pipeline, tiny_wan_pipeline
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 PROMPTS = ["a red circle to the left of a blue square", "three green triangles"]
@@ -23,24 +23,29 @@ SEQ = 16
 FAMILIES = {
     "flux": (tiny_flux_pipeline, {"max_sequence_length": SEQ}),
     "sana": (tiny_sana_pipeline, {"max_sequence_length": SEQ}),
+    "wan": (tiny_wan_pipeline, {"max_sequence_length": SEQ, "num_frames": 9}),
 }
 
 
-def _adapter(family, pipe):
-    return load_adapter_class(family)(pipe, resolution=32, **FAMILIES[family][1])
+def _adapter(family, pipe, **kw):
+    return load_adapter_class(family)(pipe, resolution=32, **{**FAMILIES[family][1], **kw})
 
 
 def _pipe_images(family, pipe, adapter, guidance, **kw):
     latents = torch.cat([step_noise(mix_seed(7, i), -1, 1, adapter.latent_shape) for i in range(len(PROMPTS))])
     if family == "flux":
         latents = adapter.pack(latents)
-    return pipe(PROMPTS, num_inference_steps=4, latents=latents, height=32, width=32, output_type="pt",
-                max_sequence_length=adapter.max_sequence_length, guidance_scale=guidance, **kw).images
+    if family == "wan":
+        kw["num_frames"] = adapter.num_frames
+    out = pipe(PROMPTS, num_inference_steps=4, latents=latents, height=32, width=32, output_type="pt",
+               max_sequence_length=adapter.max_sequence_length, guidance_scale=guidance, **kw)
+    return out.frames if family == "wan" else out.images
 
 
 @pytest.mark.parametrize("family, guidance, kw", [
     ("flux", 3.5, {}),  # FLUX.1-dev: guidance embedding, one pass
     ("sana", 4.5, {}),  # classifier-free guidance, unconditional prompt without the instruction
+    ("wan", 4.5, {}),  # video: [n, F, 3, H, W]
 ])
 def test_ode_sampler_reproduces_the_family_pipeline(family, guidance, kw):
     pipe = FAMILIES[family][0]()
@@ -56,6 +61,43 @@ def test_flux_without_guidance_embedding_runs_true_cfg_like_the_pipeline():
     ours = sample(adapter, PROMPTS, seed=7, steps=4, guidance=3.0)
     theirs = _pipe_images("flux", pipe, adapter, 1.0, negative_prompt=["", ""], true_cfg_scale=3.0)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_wan22_runs_each_step_through_the_expert_of_its_timestep():
+    pipe = tiny_wan_pipeline(two_experts=True)
+    adapter = _adapter("wan", pipe, guidance_scale_2=2.0)
+    ours = sample(adapter, PROMPTS, seed=7, steps=4, guidance=4.5)
+    assert ours.shape == (2, 9, 3, 32, 32)
+    torch.testing.assert_close(ours, _pipe_images("wan", pipe, adapter, 4.5, guidance_scale_2=2.0), atol=1e-4, rtol=0)
+    one_expert = tiny_wan_pipeline(two_experts=False)  # the same high-noise expert (same seed), no second one
+    assert (ours - sample(_adapter("wan", one_expert), PROMPTS, seed=7, steps=4, guidance=4.5)).abs().max() > 1e-3
+    sigma = adapter.sigmas(4)[:-1]
+    assert ((sigma * 1000 >= 875) == torch.tensor([True, False, False, False])).all()  # 1 high-noise step, 3 low
+
+
+def test_wan_rejects_frame_counts_its_vae_cannot_take():
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        _adapter("wan", tiny_wan_pipeline(), num_frames=8)
+
+
+def test_wan22_lora_covers_both_experts_and_exports_both(tmp_path):
+    adapter = _adapter("wan", tiny_wan_pipeline(two_experts=True))
+    adapter.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    params = adapter.trainable_parameters()
+    assert {id(p) for p in params} & {id(p) for p in adapter.pipe.transformer_2.parameters()}
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    state = adapter.lora_state_dict()
+    assert any(k.startswith("transformer_2.") for k in state) and any(not k.startswith("transformer_2.") for k in state)
+    adapter.save_lora(str(tmp_path / "lora"))
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "lora" / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
+    fresh = _adapter("wan", tiny_wan_pipeline(two_experts=True))
+    fresh.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    fresh.load_lora_state_dict(state)
+    for k, v in fresh.lora_state_dict().items():
+        assert torch.equal(v, state[k])
 
 
 def test_flux_pack_and_unpack_are_the_pipelines_and_inverse():
@@ -75,7 +117,8 @@ def family_run(request, tmp_path_factory):
     FAMILIES[family][0]().save_pretrained(str(root / "model"))
     cfg = load_config(str(ROOT / "configs" / "tiny_shapes.yaml"),
                       TINY + [f"model.family={family}", f"model.path={root / 'model'}", "model.resolution=32",
-                              "train.steps=1", "train.lr=0.05", BRIGHT])
+                              "train.steps=1", "train.lr=0.05", BRIGHT]
+                      + (["model.num_frames=9"] if family == "wan" else []))
     train(cfg, out=str(root / "run"))
     return family, root
 
@@ -94,9 +137,10 @@ def test_one_rl_iteration_through_the_shared_trainer(family_run):
 def test_lora_export_loads_into_the_plain_diffusers_pipeline(family_run):
     family, root = family_run
     model, lora = str(root / "model"), str(root / "run" / "lora")
-    ours = sample(load_for_inference(model, lora, family=family, resolution=32), PROMPTS, seed=7, steps=4,
+    frames = {"num_frames": 9} if family == "wan" else {}
+    ours = sample(load_for_inference(model, lora, family=family, resolution=32, **frames), PROMPTS, seed=7, steps=4,
                   guidance=4.5)
-    adapter = load_adapter_class(family).from_pretrained(model, resolution=32)
+    adapter = load_adapter_class(family).from_pretrained(model, resolution=32, **frames)
     pipe = adapter.pipe
     base = _pipe_images(family, pipe, adapter, 4.5)
     pipe.load_lora_weights(lora)

@@ -10,8 +10,8 @@ TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_ste
 
 
 def brightness(media, prompts):
-    """A continuous test reward (mean pixel value): every leaf differs, so advantages are never all zero."""
-    return {"brightness": media.float().mean(dim=(1, 2, 3))}
+    """A continuous test reward (mean pixel value, images or videos): every leaf differs, so advantages are never all zero."""
+    return {"brightness": media.float().flatten(1).mean(1)}
 
 
 BRIGHT = "rewards={'tests_helpers:brightness': 1.0}"
@@ -20,4 +20,4 @@ SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / 
 
 def darkness(media, prompts):
     """The negated ``brightness`` reward."""
-    return {"darkness": -media.float().mean(dim=(1, 2, 3))}
+    return {"darkness": -media.float().flatten(1).mean(1)}

@@ -67,3 +67,28 @@ def tiny_sana_pipeline(seed: int = 0):
                                             max_position_embeddings=2048, attn_implementation="eager"))
     return SanaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def tiny_wan_pipeline(two_experts: bool = False, seed: int = 0):
+    """Wan layout at toy size: 3-D patches (1, 2, 2), a causal video VAE (x8 space, x4 time), UMT5; with
+    ``two_experts``, Wan 2.2's high- and low-noise transformers split at boundary_ratio 0.875."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=T5_DIM, d_ff=128, d_kv=16, num_layers=2,
+                                               num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                     out_channels=16, text_dim=T5_DIM, freq_dim=256, ffn_dim=32, num_layers=2,
+                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                       transformer_2=transformer() if two_experts else None,
+                       boundary_ratio=0.875 if two_experts else None,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))

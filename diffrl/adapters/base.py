@@ -53,7 +53,10 @@ class DiffusersAdapter:
         self.pipe = pipe.to(device)
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.transformer = pipe.transformer
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
+        self.denoisers = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
+                          if getattr(pipe, name, None) is not None}
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", *self.denoisers):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
@@ -72,42 +75,61 @@ class DiffusersAdapter:
         return cfg(v_u, v_c, guidance_scale)
 
     def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
-        """Attach trainable LoRA adapters (peft) to the transformer, in fp32; the reference is the adapters off."""
+        """Attach trainable LoRA adapters (peft) to every denoiser, in fp32; the reference is the adapters off."""
         from peft import LoraConfig
 
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                target_modules=list(targets)))
-        for name, p in self.transformer.named_parameters():
-            p.requires_grad_("lora_" in name)
-            if "lora_" in name:
-                p.data = p.data.float()
+        for module in self.denoisers.values():
+            module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                          target_modules=list(targets)))
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name)
+                if "lora_" in name:
+                    p.data = p.data.float()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return [p for module in self.denoisers.values() for p in module.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """The reference (pre-RL) model: LoRA adapters disabled inside the block."""
-        self.transformer.disable_adapters()
+        for module in self.denoisers.values():
+            module.disable_adapters()
         try:
             yield
         finally:
-            self.transformer.enable_adapters()
+            for module in self.denoisers.values():
+                module.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, Tensor]:
+        """The LoRA weights of every denoiser; keys of denoisers other than ``transformer`` carry their name."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return {(k if name == "transformer" else f"{name}.{k}"): v.detach().clone()
+                for name, module in self.denoisers.items() for k, v in get_peft_model_state_dict(module).items()}
+
+    def _split(self, state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        parts: dict[str, dict[str, Tensor]] = {name: {} for name in self.denoisers}
+        for k, v in state.items():
+            name, _, rest = k.partition(".")
+            if name in self.denoisers and name != "transformer":
+                parts[name][rest] = v
+            else:
+                parts["transformer"][k] = v
+        return parts
 
     def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.transformer, state)
+        for name, part in self._split(state).items():
+            set_peft_model_state_dict(self.denoisers[name], part)
 
     def save_lora(self, directory: str, state: Optional[dict[str, Tensor]] = None) -> None:
-        """Write the LoRA in the diffusers format that the family pipeline's ``load_lora_weights`` reads."""
-        type(self.pipe).save_lora_weights(directory, transformer_lora_layers=state or self.lora_state_dict(),
-                                            safe_serialization=True)
+        """Write the LoRA in the diffusers format that the family pipeline's ``load_lora_weights`` reads: the
+        ``transformer``'s in ``directory``, a second expert's in ``directory/transformer_2`` (load it with
+        ``load_lora_weights(directory + "/transformer_2", load_into_transformer_2=True)``)."""
+        for name, part in self._split(state or self.lora_state_dict()).items():
+            out = directory if name == "transformer" else str(Path(directory) / name)
+            type(self.pipe).save_lora_weights(out, transformer_lora_layers=part, safe_serialization=True)
 
     @torch.no_grad()
     def decode_vae_latents(self, latents: Tensor) -> Tensor:
