@@ -34,6 +34,8 @@ class ModelConfig:
     """Video families: frames per clip (Wan: 4k + 1); None: the family's default."""
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
+    gradient_checkpointing: bool = False
+    """Recompute denoiser activations in the backward pass (large models; same gradients, less memory)."""
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])

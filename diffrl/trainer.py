@@ -97,6 +97,8 @@ def build(cfg: Config, out: Path) -> Run:
                                           **shape_options(cfg.model.resolution, cfg.model.num_frames))
     torch.manual_seed(cfg.train.seed)
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    if cfg.model.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     s = cfg.sampler

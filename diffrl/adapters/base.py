@@ -86,6 +86,12 @@ class DiffusersAdapter:
                 if "lora_" in name:
                     p.data = p.data.float()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each denoiser block's activations in the backward pass instead of keeping them (less memory
+        for the training forward, about one more forward of compute)."""
+        for module in self.denoisers.values():
+            module.enable_gradient_checkpointing()
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.denoisers.values() for p in module.parameters() if p.requires_grad]
 
