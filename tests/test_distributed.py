@@ -1,5 +1,4 @@
 """Two CPU processes under ``accelerate launch`` shard the prompts and compute the same advantages as one."""
-import os
 import subprocess
 import sys
 from pathlib import Path

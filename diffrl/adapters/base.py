@@ -53,6 +53,7 @@ class DiffusersAdapter:
         self.pipe = pipe.to(device)
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.transformer = pipe.transformer
+        self._prompt_cache: dict[str, dict[str, Tensor]] = {}
         # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
         self.denoisers = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
                           if getattr(pipe, name, None) is not None}
@@ -60,6 +61,25 @@ class DiffusersAdapter:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (its shift included), ending at 0."""
+        sched = self.pipe.scheduler
+        sched.set_timesteps(num_steps, device="cpu")
+        return sched.sigmas.float().clone()
+
+    @torch.no_grad()
+    def cached(self, prompts: Sequence[str], encode: Callable[[list[str]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Prompt conditioning ``{name: [n, ...]}``, encoding (``encode(new prompts) -> {name: [m, ...]}``) only the
+        prompts not seen before."""
+        if not prompts:
+            raise ValueError("no prompts to encode")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            out = encode(missing)
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = {k: v[i] for k, v in out.items()}
+        return {k: torch.stack([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}
 
     def unconditional(self) -> dict[str, Tensor]:
         """The unconditional (empty prompt) conditioning, ``[1, ...]`` tensors, as the family's pipeline builds it."""

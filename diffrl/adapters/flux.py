@@ -33,7 +33,6 @@ class FluxAdapter(DiffusersAdapter):
                              f"x{pipe.vae_scale_factor} (FLUX needs an even latent side of at least 2)")
         self._side = side
         self._img_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, self.device, self.dtype)
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa",
@@ -60,17 +59,14 @@ class FluxAdapter(DiffusersAdapter):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return sched.sigmas.float().clone()
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}`` (T5 sequence, CLIP pooled), cached."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            embeds, pooled, _ = self.pipe.encode_prompt(list(missing), device=self.device,
-                                                        max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i], pooled[i])
-        return {"embeds": torch.stack([self._cache[p][0] for p in prompts]),
-                "pooled": torch.stack([self._cache[p][1] for p in prompts])}
+        return self.cached(prompts, self._encode)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"embeds": embeds, "pooled": pooled}
 
     def pack(self, x: Tensor) -> Tensor:
         """``[n, C, h, w]`` -> FLUX tokens ``[n, h/2 * w/2, 4C]``."""

@@ -29,7 +29,6 @@ class SanaAdapter(DiffusersAdapter):
         self.complex_human_instruction = default if complex_human_instruction is None else complex_human_instruction
         side = self.transformer.config.sample_size
         self._side = resolution // pipe.vae_scale_factor if resolution else side
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._uncond: Optional[dict[str, Tensor]] = None
 
     @classmethod
@@ -45,24 +44,15 @@ class SanaAdapter(DiffusersAdapter):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.transformer.config.in_channels, self._side, self._side)
 
-    def sigmas(self, num_steps: int) -> Tensor:
-        """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (its flow shift included), ending at 0."""
-        sched = self.pipe.scheduler
-        sched.set_timesteps(num_steps, device="cpu")
-        return sched.sigmas.float().clone()
-
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Gemma embeddings and attention masks ``{"embeds": [n, L, D], "mask": [n, L]}``, cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            embeds, mask, _, _ = self.pipe.encode_prompt(
-                list(missing), do_classifier_free_guidance=False, device=self.device,
-                max_sequence_length=self.max_sequence_length, complex_human_instruction=self.complex_human_instruction)
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i], mask[i])
-        return {"embeds": torch.stack([self._cache[p][0] for p in prompts]),
-                "mask": torch.stack([self._cache[p][1] for p in prompts])}
+        return self.cached(prompts, self._encode)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=self.device,
+            max_sequence_length=self.max_sequence_length, complex_human_instruction=self.complex_human_instruction)
+        return {"embeds": embeds, "mask": mask}
 
     @torch.no_grad()
     def unconditional(self) -> dict[str, Tensor]:

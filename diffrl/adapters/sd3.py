@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from diffrl.adapters.base import DiffusersAdapter, ModelLoadError, load_pipeline
@@ -23,7 +22,6 @@ class SD3Adapter(DiffusersAdapter):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_3.model_max_length)
         self._side = resolution // pipe.vae_scale_factor if resolution else self.transformer.config.sample_size
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa",
@@ -39,24 +37,15 @@ class SD3Adapter(DiffusersAdapter):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.transformer.config.in_channels, self._side, self._side)
 
-    def sigmas(self, num_steps: int) -> Tensor:
-        """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (shift included), ending at 0."""
-        sched = self.pipe.scheduler
-        sched.set_timesteps(num_steps, device="cpu")
-        return sched.sigmas.float().clone()
-
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}``, cached per prompt string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                list(missing), None, None, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                self._cache[p] = (embeds[i], pooled[i])
-        return {"embeds": torch.stack([self._cache[p][0] for p in prompts]),
-                "pooled": torch.stack([self._cache[p][1] for p in prompts])}
+        return self.cached(prompts, self._encode)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"embeds": embeds, "pooled": pooled}
 
     def _forward(self, x: Tensor, sigma: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         out = self.transformer(hidden_states=x.to(self.dtype), timestep=(sigma * 1000).to(self.dtype),

@@ -37,7 +37,6 @@ class WanAdapter(DiffusersAdapter):
         self.guidance_scale_2 = guidance_scale_2
         ratio = pipe.config.boundary_ratio
         self.boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
-        self._cache: dict[str, Tensor] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa",
@@ -55,21 +54,14 @@ class WanAdapter(DiffusersAdapter):
         return (self.transformer.config.in_channels, (self.num_frames - 1) // p.vae_scale_factor_temporal + 1, side,
                 side)
 
-    def sigmas(self, num_steps: int) -> Tensor:
-        """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (its flow shift included), ending at 0."""
-        sched = self.pipe.scheduler
-        sched.set_timesteps(num_steps, device="cpu")
-        return sched.sigmas.float().clone()
-
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """UMT5 embeddings ``{"embeds": [n, L, D]}``, cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            embeds, _ = self.pipe.encode_prompt(list(missing), do_classifier_free_guidance=False,
-                                                max_sequence_length=self.max_sequence_length, device=self.device)
-            self._cache.update(zip(missing, embeds))
-        return {"embeds": torch.stack([self._cache[p] for p in prompts])}
+        return self.cached(prompts, self._encode)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_sequence_length, device=self.device)
+        return {"embeds": embeds}
 
     def _forward(self, model, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         t = sigma * 1000
