@@ -62,21 +62,30 @@ class DiffusersAdapter:
             if module is not None:
                 module.requires_grad_(False).eval()
 
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """The family's prompt encoder: ``{name: [len(prompts), ...]}``."""
+        raise NotImplementedError
+
     def sigmas(self, num_steps: int) -> Tensor:
         """``[num_steps + 1]`` fp32 sigmas of the pipeline's own scheduler (its shift included), ending at 0."""
         sched = self.pipe.scheduler
         sched.set_timesteps(num_steps, device="cpu")
         return sched.sigmas.float().clone()
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latents; image families: ``(C, h, w)`` with the side their ``__init__`` set."""
+        return (self.transformer.config.in_channels, self._side, self._side)
+
     @torch.no_grad()
-    def cached(self, prompts: Sequence[str], encode: Callable[[list[str]], dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Prompt conditioning ``{name: [n, ...]}``, encoding (``encode(new prompts) -> {name: [m, ...]}``) only the
-        prompts not seen before."""
+    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Prompt conditioning ``{name: [n, ...]}`` (the family's ``_encode``), encoding only prompts not seen
+        before."""
         if not prompts:
             raise ValueError("no prompts to encode")
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            out = encode(missing)
+            out = self._encode(missing)
             for i, p in enumerate(missing):
                 self._prompt_cache[p] = {k: v[i] for k, v in out.items()}
         return {k: torch.stack([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}

@@ -9,7 +9,7 @@ scale above 1 runs true classifier-free guidance against the empty prompt (FluxP
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -59,11 +59,8 @@ class FluxAdapter(DiffusersAdapter):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return sched.sigmas.float().clone()
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}`` (T5 sequence, CLIP pooled), cached."""
-        return self.cached(prompts, self._encode)
-
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}`` (T5 sequence, CLIP pooled)."""
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)
         return {"embeds": embeds, "pooled": pooled}

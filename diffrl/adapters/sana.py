@@ -10,7 +10,7 @@ pipeline shipped with a multistep (DPM-Solver) scheduler samples differently fro
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,15 +40,8 @@ class SanaAdapter(DiffusersAdapter):
         return cls(load_pipeline(SanaPipeline, path, dtype, attention, device), device, dtype, max_sequence_length,
                    resolution)
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.transformer.config.in_channels, self._side, self._side)
-
-    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Gemma embeddings and attention masks ``{"embeds": [n, L, D], "mask": [n, L]}``, cached per prompt."""
-        return self.cached(prompts, self._encode)
-
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Gemma embeddings and attention masks ``{"embeds": [n, L, D], "mask": [n, L]}``."""
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompts, do_classifier_free_guidance=False, device=self.device,
             max_sequence_length=self.max_sequence_length, complex_human_instruction=self.complex_human_instruction)

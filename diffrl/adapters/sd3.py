@@ -5,7 +5,7 @@ the sigma schedule (the pipeline scheduler's own) and decoding; loading and LoRA
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 from torch import Tensor
 
@@ -33,15 +33,8 @@ class SD3Adapter(DiffusersAdapter):
         return cls(load_pipeline(StableDiffusion3Pipeline, path, dtype, attention, device), device, dtype,
                    max_sequence_length, resolution)
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.transformer.config.in_channels, self._side, self._side)
-
-    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}``, cached per prompt string."""
-        return self.cached(prompts, self._encode)
-
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}``."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
                                                        do_classifier_free_guidance=False,
                                                        max_sequence_length=self.max_sequence_length)

@@ -10,7 +10,7 @@ flow-matching Euler step on the scheduler's sigmas, so WanPipeline's output is r
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -54,11 +54,8 @@ class WanAdapter(DiffusersAdapter):
         return (self.transformer.config.in_channels, (self.num_frames - 1) // p.vae_scale_factor_temporal + 1, side,
                 side)
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """UMT5 embeddings ``{"embeds": [n, L, D]}``, cached per prompt."""
-        return self.cached(prompts, self._encode)
-
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """UMT5 embeddings ``{"embeds": [n, L, D]}``."""
         embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                             max_sequence_length=self.max_sequence_length, device=self.device)
         return {"embeds": embeds}
