@@ -31,11 +31,12 @@ def _sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from diffrl.inference import load_for_inference, sample
-    from diffrl.viz import image_grid
+    from diffrl.viz import image_grid, stills
 
-    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution)
+    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
+                                 num_frames=args.num_frames)
     prompts = [p for p in args.prompt for _ in range(args.num)]
-    images = sample(adapter, prompts, args.seed, args.steps, args.guidance)
+    images = stills(sample(adapter, prompts, args.seed, args.steps, args.guidance))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, Path(args.out), ncol=args.num, captions=prompts)
     print(f"wrote {args.out} ({len(prompts)} images)")
@@ -47,10 +48,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     from diffrl.inference import load_for_inference, sample, shapes_accuracy
     from diffrl.prompts import eval_prompts
+    from diffrl.viz import stills
 
-    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution)
+    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
+                                 num_frames=args.num_frames)
     prompts = eval_prompts(args.prompts, args.n)
-    result = shapes_accuracy(sample(adapter, prompts, args.seed, args.steps, args.guidance), prompts)
+    result = shapes_accuracy(stills(sample(adapter, prompts, args.seed, args.steps, args.guidance)), prompts)
     print(json.dumps(result))
     return 0
 
@@ -89,8 +92,9 @@ def _serve_reward(args: argparse.Namespace) -> int:
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="assets/tiny-sd3-shapes", help="diffusers folder or hub id")
     p.add_argument("--lora", help="LoRA folder written by diffrl train (run_dir/lora)")
-    p.add_argument("--family", default="sd3", help="model family adapter: sd3, flux (default sd3)")
+    p.add_argument("--family", default="sd3", help="model family adapter: sd3, flux, sana, wan (default sd3)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
+    p.add_argument("--num-frames", type=int, help="video families: frames per clip (grids show the middle frame)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=999)

@@ -37,7 +37,7 @@ from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.sde import sde_step
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.types import TreeRollout
-from diffrl.viz import image_grid, line_plot
+from diffrl.viz import image_grid, line_plot, stills
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
@@ -330,12 +330,6 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     name = next(iter(run.rewards))
     scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts, run.cfg.train.reward_timeout_s)
     return {"accuracy": float(scores[name][valid].mean())}
-
-
-def stills(media: Tensor) -> Tensor:
-    """Images ``[n, 3, H, W]`` for grids and the shapes verifier: videos ``[n, F, 3, H, W]`` give their middle
-    frame."""
-    return media[:, media.shape[1] // 2] if media.dim() == 5 else media
 
 
 def write_grid(run: Run, state: TrainState) -> None:

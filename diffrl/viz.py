@@ -97,3 +97,9 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     d.text((4, h - m - 6), f"{y0:.2f}", fill="black")
     d.text((w - m - 40, h - m + 2), f"step {x1:g}", fill="black")
     img.save(path)
+
+
+def stills(media: Tensor) -> Tensor:
+    """Images ``[n, 3, H, W]`` for grids and the shapes verifier: videos ``[n, F, 3, H, W]`` give their middle
+    frame."""
+    return media[:, media.shape[1] // 2] if media.dim() == 5 else media

@@ -172,3 +172,25 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(family):
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, extra", [("flux", []), ("wan", ["--num-frames", "9"])])
+def test_cli_sample_takes_family_resolution_and_frames(tmp_path, family, extra):
+    from PIL import Image
+
+    from diffrl.cli import main
+
+    FAMILIES[family][0]().save_pretrained(str(tmp_path / "model"))
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tmp_path / "model"), "--family", family, "--resolution", "32",
+                 "--prompt", "three green triangles", "--num", "2", "--steps", "3", "--out", str(out), *extra]) == 0
+    assert Image.open(out).size[0] >= 2 * 32  # two samples side by side (upscaled)
+
+
+def test_cli_eval_scores_the_middle_frame_of_videos(tmp_path, capsys):
+    from diffrl.cli import main
+
+    tiny_wan_pipeline().save_pretrained(str(tmp_path / "model"))
+    assert main(["eval", "--model", str(tmp_path / "model"), "--family", "wan", "--resolution", "32",
+                 "--num-frames", "9", "--n", "2", "--steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == 0.0  # random weights
