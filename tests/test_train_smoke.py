@@ -71,6 +71,23 @@ def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path)
     assert m["approx_kl"] > 0  # the second group's ratios saw the first group's update
 
 
+def test_bf16_weights_train_with_fp32_lora_and_log_prob_math(tmp_path):
+    import torch
+
+    from diffrl import trainer
+
+    cfg = tiny_cfg("train.steps=1", "model.dtype=bfloat16", BRIGHT)
+    run = trainer.build(cfg, tmp_path / "probe")
+    dtypes = {n: p.dtype for n, p in run.adapter.transformer.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    batch = trainer.collect(run, 0)
+    assert batch.rollout.transitions.log_prob.dtype == torch.float32
+    train(cfg, out=str(tmp_path / "run"))
+    m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert m["first_ratio_dev"] == 0.0 and m["trained_edges"] > 0
+
+
 def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
