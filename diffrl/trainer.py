@@ -233,10 +233,10 @@ def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, flo
     ``train.updates_per_epoch`` groups and takes one optimizer step per group (gradients accumulate over the group's
     edges, step by step, in minibatches). Each parent's velocity is computed once and in the rollout's batches, so
     before the first update the ratio is exactly 1 (with several groups, the first group's batches are smaller than
-    the rollout's: 1 up to float rounding); the statistics are those of the first epoch."""
+    the rollout's: 1 up to float rounding); the statistics are those of the first epoch. A process with no edges
+    to train still takes part in every update (its gradients count as zeros), so processes never wait on each
+    other."""
     cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
-    if int(mask.sum()) == 0:
-        return {}
     cond_all = ad.encode(batch.prompts)
     n_elem = math.prod(ad.latent_shape)
     groups = torch.arange(len(batch.prompts)).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
