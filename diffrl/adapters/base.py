@@ -47,7 +47,8 @@ def _is_hub_id(path: str) -> bool:
 
 class DiffusersAdapter:
     """A diffusers pipeline with a trainable LoRA on its denoiser (``self.transformer``); subclasses implement the
-    family's model calls (``latent_shape``, ``sigmas``, ``encode``, ``velocity``, ``decode``)."""
+    family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
+    defaults here do not fit)."""
 
     def __init__(self, pipe: Any, device: str = "cpu", dtype: str = "float32"):
         self.pipe = pipe.to(device)
@@ -97,7 +98,10 @@ class DiffusersAdapter:
     def guided(self, forward: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor, sigma: Tensor,
                cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
         """Classifier-free guidance against the empty prompt: ``forward(x, sigma, cond)`` on the unconditional and
-        conditional inputs as one batch, combined as v_u + g (v_c - v_u). ``cond`` holds ``[n, ...]`` tensors."""
+        conditional inputs as one batch, combined as v_u + g (v_c - v_u); at g = 1 the conditional pass alone.
+        ``cond`` holds ``[n, ...]`` tensors."""
+        if guidance_scale == 1.0:
+            return forward(x, sigma, cond)
         u, n = self.unconditional(), x.shape[0]
         both = {k: torch.cat([u[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
         v_u, v_c = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
@@ -167,9 +171,9 @@ class DiffusersAdapter:
             type(self.pipe).save_lora_weights(out, transformer_lora_layers=part, safe_serialization=True)
 
     @torch.no_grad()
-    def decode_vae_latents(self, latents: Tensor) -> Tensor:
-        """``[n, C, h, w]`` VAE-space latents (scaled and shifted as the pipeline keeps them) -> ``[n, 3, H, W]``
-        images in [0, 1]."""
+    def decode(self, latents: Tensor) -> Tensor:
+        """``[n, C, h, w]`` latents (scaled and shifted as the image pipelines keep them) -> ``[n, 3, H, W]`` images
+        in [0, 1]; video families override it."""
         vae = self.pipe.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents.to(vae.dtype) / vae.config.scaling_factor + shift

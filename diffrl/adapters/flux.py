@@ -93,8 +93,4 @@ class FluxAdapter(DiffusersAdapter):
         if self.transformer.config.guidance_embeds:
             return self._forward(x, sigma, cond["embeds"], cond["pooled"], guidance_scale)
         forward = lambda x, sigma, c: self._forward(x, sigma, c["embeds"], c["pooled"], None)  # noqa: E731
-        return forward(x, sigma, cond) if guidance_scale == 1.0 else self.guided(forward, x, sigma, cond, guidance_scale)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """``[n, C, h, w]`` latents -> ``[n, 3, H, W]`` images in [0, 1]."""
-        return self.decode_vae_latents(latents)
+        return self.guided(forward, x, sigma, cond, guidance_scale)

@@ -67,10 +67,4 @@ class SanaAdapter(DiffusersAdapter):
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
         """``v(x [n, C, h, w], sigma [n])`` in fp32; with guidance > 1 the unconditional and conditional passes run
         as one batch and are combined as v_u + g (v_c - v_u)."""
-        if guidance_scale == 1.0:
-            return self._forward(x, sigma, cond)
         return self.guided(self._forward, x, sigma, cond, guidance_scale)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """``[n, C, h, w]`` latents -> ``[n, 3, H, W]`` images in [0, 1]."""
-        return self.decode_vae_latents(latents)

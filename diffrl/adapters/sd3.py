@@ -50,8 +50,4 @@ class SD3Adapter(DiffusersAdapter):
         """``v(x [n, C, H, W], sigma [n])`` in fp32; with guidance > 1 the unconditional and conditional passes run
         as one batch and are combined as v_u + g (v_c - v_u)."""
         forward = lambda x, sigma, c: self._forward(x, sigma, c["embeds"], c["pooled"])  # noqa: E731
-        return forward(x, sigma, cond) if guidance_scale == 1.0 else self.guided(forward, x, sigma, cond, guidance_scale)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """``[n, C, h, w]`` latents -> ``[n, 3, H, W]`` images in [0, 1]."""
-        return self.decode_vae_latents(latents)
+        return self.guided(forward, x, sigma, cond, guidance_scale)

@@ -69,8 +69,7 @@ class WanAdapter(DiffusersAdapter):
                      return_dict=False)[0].float()
 
     def _expert_velocity(self, model, scale: float, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        forward = lambda x, sigma, c: self._forward(model, x, sigma, c)  # noqa: E731
-        return forward(x, sigma, cond) if scale == 1.0 else self.guided(forward, x, sigma, cond, scale)
+        return self.guided(lambda x, sigma, c: self._forward(model, x, sigma, c), x, sigma, cond, scale)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
         """``v(x [n, C, F, h, w], sigma [n])`` in fp32, each row through the expert of its timestep (Wan 2.2) with
