@@ -69,6 +69,12 @@ class TrainConfig:
     trees_per_prompt: int = 1
     """Trees per prompt; with no splits, this is the GRPO group size."""
     lr: float = 1e-3
+    objective: str = "ppo"
+    """ppo: clipped-ratio updates of the SDE transitions (Flow-GRPO, BranchGRPO); nft: DiffusionNFT's forward-process
+    objective on the leaves' clean latents (papers.md part 1 (i)), noised at ``sampler.timestep_fraction`` of the
+    rollout's noise levels."""
+    nft_beta: float = 1.0
+    """DiffusionNFT's beta: how far the implicit positive/negative policies sit from the sampling policy."""
     clip_range: float = 0.2
     """Per-element-normalised PPO epsilon (diffrl.loss.effective_clip_range)."""
     kl_weight: float = 0.01
@@ -128,7 +134,7 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
-    "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"),
+    "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"), "train.objective": ("ppo", "nft"),
     "train.reward_aggregation": ("sum", "gdpo"),
 }
 
@@ -228,7 +234,7 @@ def validate(cfg: Config, where: str) -> list[str]:
     positive = {"sampler.num_steps": s.num_steps, "train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs,
                 "train.updates_per_epoch": t.updates_per_epoch, "train.lr": t.lr,
-                "train.clip_range": t.clip_range, "sampler.eval_steps": s.eval_steps,
+                "train.clip_range": t.clip_range, "train.nft_beta": t.nft_beta, "sampler.eval_steps": s.eval_steps,
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
@@ -236,6 +242,11 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'model.num_frames' must be > 0, got {cfg.model.num_frames}")
     if cfg.model.resolution is not None and cfg.model.resolution <= 0:
         errors.append(f"{where}: 'model.resolution' must be > 0 pixels, got {cfg.model.resolution}")
+    if t.objective == "nft" and t.adv_clip <= 0:
+        errors.append(f"{where}: 'train.adv_clip' is DiffusionNFT's A_max and must be > 0, got {t.adv_clip}")
+    if t.objective == "nft" and t.advantage == "tree":
+        errors.append(f"{where}: 'train.objective' nft trains on leaves: 'train.advantage' must be grpo or rloo, "
+                      "not tree (per-edge)")
     if not 0 < s.timestep_fraction <= 1:
         errors.append(f"{where}: 'sampler.timestep_fraction' must be in (0, 1], got {s.timestep_fraction}")
     if not 0 <= t.ema_decay < 1:

@@ -115,3 +115,67 @@ def policy_loss(
         )
     return loss, stats
 
+
+
+@dataclass
+class NFTStats:
+    """Diagnostics of one DiffusionNFT loss evaluation (floats, detached)."""
+
+    policy_loss: float
+    kl: float
+    clip_frac: float
+    """Fraction of samples whose advantage was clipped at ``adv_max`` (their r saturates at 0 or 1)."""
+    old_dev: float
+    """mean (v_theta - v_old)^2: how far the trained policy has moved from the one that sampled."""
+
+
+def nft_loss(
+    v: Tensor,
+    v_old: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    sigma: Tensor,
+    advantages: Tensor,
+    *,
+    beta: float,
+    adv_max: float,
+    kl_weight: float = 0.0,
+    v_ref: Optional[Tensor] = None,
+) -> tuple[Tensor, NFTStats]:
+    """DiffusionNFT forward-process objective (papers.md part 1 (i)).
+
+    v, v_old, x_t, x0: ``[B, ...]`` (v with grad, v_old the sampling policy's velocity at the same x_t), sigma ``[B]``
+    with ``x_t = (1 - sigma) x0 + sigma eps``, advantages ``[B]``. With r = clip(1/2 + clip(A, -A_max, A_max) /
+    (2 A_max), 0, 1), implicit policies v+ = (1 - beta) v_old + beta v and v- = (1 + beta) v_old - beta v and their
+    clean predictions x0+- = x_t - sigma v+-:
+
+        L = mean_B (A_max / beta) [r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-] + kl_weight mean_B |v - v_ref|^2
+
+    where |.|^2 is the per-element mean of squares and w+- = stop_grad(mean |x0+- - x0|) (clipped at 1e-5), the
+    anchors' adaptive weight. At v = v_old the gradient is that of advantage-weighted flow matching,
+    -A (2 sigma / w) (x0_hat - x0) per element, whatever beta is. Returns a scalar loss and ``NFTStats``.
+    """
+    if beta <= 0 or adv_max <= 0:
+        raise ValueError(f"beta and adv_max must be > 0, got {beta} and {adv_max}")
+    vf, vo, xt, x0f = v.float(), v_old.float().detach(), x_t.float(), x0.float()
+    s = append_dims(sigma.float(), vf.ndim)
+    adv = advantages.float()
+    r = (0.5 + 0.5 * clip_advantages(adv, adv_max) / adv_max).clamp(0, 1)
+
+    def term(v_implicit: Tensor) -> Tensor:
+        err = xt - s * v_implicit - x0f
+        w = reduce_elements(err.detach().abs()).clamp_min(1e-5)
+        return reduce_elements(err.square()) / w
+
+    per = (adv_max / beta) * (r * term((1 - beta) * vo + beta * vf) + (1 - r) * term((1 + beta) * vo - beta * vf))
+    loss = per.mean()
+    kl = torch.zeros((), device=vf.device)
+    if kl_weight > 0:
+        if v_ref is None:
+            raise ValueError("kl_weight > 0 needs v_ref")
+        kl = reduce_elements((vf - v_ref.float().detach()).square()).mean()
+        loss = loss + kl_weight * kl
+    with torch.no_grad():
+        stats = NFTStats(policy_loss=float(per.mean()), kl=float(kl), clip_frac=float((adv.abs() > adv_max).float().mean()),
+                         old_dev=float((vf - vo).square().mean()))
+    return loss, stats

@@ -29,7 +29,7 @@ from diffrl.advantages import (
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import average_gradients, barrier, gather_rows, setup
 from diffrl.inference import sample, shapes_accuracy
-from diffrl.loss import policy_loss
+from diffrl.loss import nft_loss, policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
@@ -183,7 +183,8 @@ def _prompt_groups(prompts: list[str]) -> Tensor:
 
 
 def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) -> tuple[Tensor, Tensor]:
-    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool.
+    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool; for ``train.objective: nft``, per-leaf
+    advantages ``[trees, leaves]`` of this process's trees and the leaves to train (the valid ones).
 
     Invalid leaves (a reward failed) take their group's mean valid reward, so they move no statistic, and the
     edges that lead only to invalid leaves are not trained.
@@ -194,6 +195,11 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) 
     means = torch.zeros(int(groups.max()) + 1).index_add_(0, leaf_groups[valid], leaf_r[valid])
     counts = torch.zeros_like(means).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
     leaf_r = torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
+    if cfg.train.objective == "nft":
+        fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
+        rows = batch.first_tree + torch.arange(len(batch.prompts))
+        leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
+        return leaf_adv[rows], valid[rows]
     if cfg.train.advantage == "tree":
         node_adv = depthwise_advantages(tree_node_values(leaf_r, sched), sched, tree_groups=groups)
     else:
@@ -228,7 +234,14 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return e, e[first], inverse
 
 
-def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, float]:
+def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int = 0) -> dict[str, float]:
+    """The update for ``train.objective``: clipped-ratio (``ppo``) or DiffusionNFT (``nft``)."""
+    if run.cfg.train.objective == "nft":
+        return optimize_nft(run, batch, adv, mask, step)
+    return optimize_ppo(run, batch, adv, mask)
+
+
+def optimize_ppo(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, float]:
     """Clipped-ratio updates on the trained edges. Each inner epoch splits the step's trees into
     ``train.updates_per_epoch`` groups and takes one optimizer step per group (gradients accumulate over the group's
     edges, step by step, in minibatches). Each parent's velocity is computed once and in the rollout's batches, so
@@ -286,6 +299,73 @@ def _edge_loss(run: Run, tr, adv: Tensor, edges: Tensor, parents: Tensor, parent
             "ratio_dev": max(stats.ratio_max - 1, 1 - stats.ratio_min), "policy_loss": stats.policy_loss}
 
 
+def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward-process training points of this process's valid leaves: each leaf is noised at
+    ``round(sampler.timestep_fraction * sampler.num_steps)`` (at least 1) distinct noise levels of the rollout
+    schedule. Seeded by (seed, step, global leaf index), so N processes draw what one process would.
+    Returns local leaf indices ``[P]``, sigmas ``[P]`` and noises ``[P, ...]``."""
+    cfg, s = run.cfg, run.cfg.sampler
+    k = max(1, round(s.timestep_fraction * s.num_steps))
+    leaves_per_tree = mask.shape[1]
+    idx, sig, eps = [], [], []
+    for i in mask.flatten().nonzero().flatten().tolist():
+        g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, step, 7, batch.first_tree * leaves_per_tree + i))
+        idx.append(torch.full((k,), i))
+        sig.append(run.sigmas[torch.randperm(s.num_steps, generator=g)[:k]].float())
+        eps.append(torch.randn(k, *run.adapter.latent_shape, generator=g))
+    if not idx:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, *run.adapter.latent_shape)
+    return torch.cat(idx), torch.cat(sig), torch.cat(eps)
+
+
+def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -> dict[str, float]:
+    """DiffusionNFT updates (papers.md part 1 (i)) on the leaves' clean latents, noised by the forward process.
+
+    The sampling policy (``v_old``) is the LoRA as it was at rollout time: in the first update its velocity is the
+    trained one's, detached (same weights, same batch); later updates of the step recompute it with the rollout-time
+    LoRA swapped in. Updates are grouped by tree like the clipped-ratio path (``train.updates_per_epoch``), points go
+    through the model ``train.minibatch`` at a time, and a process with no points still joins every update."""
+    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+    leaves = mask.shape[1]
+    leaf, sigma, eps = nft_points(run, batch, mask, step)
+    x0_all = batch.rollout.leaves.flatten(0, 1)
+    cond_all = ad.encode(batch.prompts)
+    snapshot = ad.lora_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
+    groups = torch.arange(mask.shape[0]).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
+    stats_sum: dict[str, float] = {}
+    for epoch in range(cfg.train.inner_epochs):
+        for u, trees in enumerate(groups):
+            points = torch.isin(leaf // leaves, trees).nonzero().flatten()
+            run.optimizer.zero_grad(set_to_none=True)
+            for chunk in points.split(cfg.train.minibatch):
+                li, sg = leaf[chunk], sigma[chunk]
+                x0 = x0_all[li].float()
+                x_t = (1 - sg.view(-1, *[1] * (x0.ndim - 1))) * x0 + sg.view(-1, *[1] * (x0.ndim - 1)) * eps[chunk]
+                cond = {key: v[li // leaves] for key, v in cond_all.items()}
+                x_in = x_t.to(x0_all.dtype)
+                on_policy = epoch == 0 and u == 0
+                if not on_policy:  # before the graph of v is built: the swap writes the LoRA weights in place
+                    with torch.no_grad(), _Swap(ad, snapshot):
+                        v_old = ad.velocity(x_in, sg, cond, s.guidance_scale)
+                v = ad.velocity(x_in, sg, cond, s.guidance_scale)
+                if on_policy:
+                    v_old = v.detach()
+                v_ref = None
+                if cfg.train.kl_weight > 0:
+                    with torch.no_grad(), ad.reference():
+                        v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
+                loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
+                                    adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
+                (loss * len(chunk) / len(points)).backward()
+                if epoch == 0:
+                    for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
+                        stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
+            average_gradients(ad.trainable_parameters())
+            torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
+            run.optimizer.step()
+    return stats_sum
+
+
 def ema_update(run: Run, state: TrainState) -> None:
     """EMA of the LoRA weights (used for evaluation and export) when ``train.ema_decay > 0``."""
     decay = run.cfg.train.ema_decay
@@ -300,19 +380,19 @@ def ema_update(run: Run, state: TrainState) -> None:
 
 
 class _Swap:
-    """Temporarily load the EMA LoRA weights (no-op without EMA)."""
+    """Temporarily load other LoRA weights (the EMA, or NFT's sampling policy); a no-op for None."""
 
-    def __init__(self, run: Run, state: TrainState):
-        self.run, self.state, self.saved = run, state, None
+    def __init__(self, adapter: Any, weights: Optional[dict[str, Tensor]]):
+        self.adapter, self.weights, self.saved = adapter, weights, None
 
     def __enter__(self):
-        if self.state.ema is not None:
-            self.saved = self.run.adapter.lora_state_dict()
-            self.run.adapter.load_lora_state_dict(self.state.ema)
+        if self.weights is not None:
+            self.saved = self.adapter.lora_state_dict()
+            self.adapter.load_lora_state_dict(self.weights)
 
     def __exit__(self, *exc):
         if self.saved is not None:
-            self.run.adapter.load_lora_state_dict(self.saved)
+            self.adapter.load_lora_state_dict(self.saved)
 
 
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
@@ -416,12 +496,12 @@ def after_step(run: Run, state: TrainState, metrics: dict) -> None:
     """Periodic evaluation, logging, sample grid and checkpoint (first process only)."""
     log_cfg = run.cfg.log
     if log_cfg.eval_every and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps:
-        with _Swap(run, state):
+        with _Swap(run.adapter, state.ema):
             state.evals.append({"step": state.step, **evaluate(run)})
         metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
     log_step(run, state, metrics)
     if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
-        with _Swap(run, state):
+        with _Swap(run.adapter, state.ema):
             write_grid(run, state)
     if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps:
         save_checkpoint(run, state)
@@ -433,21 +513,21 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     t0 = time.perf_counter()
     leaf_r, valid, scores = score(run, batch)
     adv, mask = advantage(run, batch, leaf_r, valid, step)
-    stats = optimize(run, batch, adv, mask)
+    stats = optimize(run, batch, adv, mask, step)
     ema_update(run, state)
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": run.optimizer.param_groups[0]["lr"],
             "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
-            "first_ratio_dev": stats.get("ratio_dev", 0.0),
+            "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
             "trained_edges": int(mask.sum()), "invalid": int((~valid).sum()),
             **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}}
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     """Final evaluation, plots, the diffusers-format LoRA and summary.json."""
-    with _Swap(run, state):
+    with _Swap(run.adapter, state.ema):
         result = evaluate(run)
         write_grid(run, state)
     final = result["accuracy"]

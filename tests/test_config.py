@@ -71,3 +71,13 @@ def test_reward_options_go_with_a_named_reward(tmp_path):
     bad.write_text("rewards: {ocr: 1.0}\nreward_options: {aesthetic: {weights: head.pth}}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: 'reward_options.aesthetic' names no reward in 'rewards'"):
         load_config(str(bad))
+
+
+def test_nft_objective_needs_leaf_advantages_and_a_positive_a_max(tmp_path):
+    p = write(tmp_path, "train:\n  objective: nft\n  advantage: tree\n  adv_clip: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "'train.objective' nft trains on leaves: 'train.advantage' must be grpo or rloo" in str(e.value)
+    assert "'train.adv_clip' is DiffusionNFT's A_max and must be > 0" in str(e.value)
+    with pytest.raises(ConfigError, match="'train.objective' must be one of"):
+        load_config(p, ["train.objective=dpo"])

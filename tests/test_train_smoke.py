@@ -71,6 +71,51 @@ def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path)
     assert m["approx_kl"] > 0  # the second group's ratios saw the first group's update
 
 
+def test_nft_updates_fit_the_positive_leaves_and_unfit_the_negative_ones(tmp_path):
+    """DiffusionNFT direction end to end: after three updates on one batch, the model reconstructs the clean latents
+    of the leaves with positive advantage better (flow-matching error at the same noisy points falls) and those
+    with negative advantage worse."""
+    from diffrl import trainer
+
+    cfg = tiny_cfg("rewards={'tests_helpers:brightness': 1.0}", "train.prompts_per_step=4", "train.lr=3e-3",
+                   "train.kl_weight=0", "train.advantage=grpo", "train.objective=nft", "sampler.timestep_fraction=1.0")
+    run = trainer.build(cfg, tmp_path)
+    batch = trainer.collect(run, 0)
+    adv, mask = trainer.advantage(run, batch, *trainer.score(run, batch)[:2], 0)
+    leaf, sigma, eps = trainer.nft_points(run, batch, mask, 0)
+    x0 = batch.rollout.leaves.flatten(0, 1)[leaf]
+    cond = {k: v[leaf // mask.shape[1]] for k, v in run.adapter.encode(batch.prompts).items()}
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * eps
+
+    def error():
+        with torch.no_grad():
+            v = run.adapter.velocity(x_t, sigma, cond, cfg.sampler.guidance_scale)
+        return (x_t - s * v - x0).square().flatten(1).mean(1)
+
+    before = error()
+    for _ in range(3):
+        trainer.optimize(run, batch, adv, mask, 0)
+    change, a = error() - before, adv.flatten()[leaf]
+    assert change[a > 0].mean() < 0 < change[a < 0].mean()
+
+
+def test_nft_starts_on_policy_and_later_updates_score_against_the_rollout_policy(tmp_path):
+    """DiffusionNFT: one update per step trains exactly at v_old (old_dev 0); with 2 epochs x 2 groups the later
+    updates recompute v_old with the rollout-time LoRA while the trained one has moved (old_dev > 0), 4 AdamW steps."""
+    from diffrl import checkpoint
+
+    nft = ("train.objective=nft", "train.advantage=grpo", "sampler.timestep_fraction=0.5")
+    train(tiny_cfg("train.steps=1", BRIGHT, *nft), out=str(tmp_path / "one"))
+    m = json.loads((tmp_path / "one" / "metrics.jsonl").read_text())
+    assert m["old_dev"] == 0.0 and m["trained_edges"] == 4  # 2 trees x 2 leaves, every leaf valid
+    train(tiny_cfg("train.steps=1", "train.updates_per_epoch=2", "train.inner_epochs=2", BRIGHT, *nft),
+          out=str(tmp_path / "four"))
+    _, optimizer, _ = checkpoint.load(checkpoint.latest(tmp_path / "four"))
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {4.0}
+    assert json.loads((tmp_path / "four" / "metrics.jsonl").read_text())["old_dev"] > 0
+
+
 def test_bf16_weights_train_with_fp32_lora_and_log_prob_math(tmp_path):
     import torch
 
