@@ -34,6 +34,8 @@ class ModelConfig:
     """Video families: frames per clip (Wan: 4k + 1); None: the family's default."""
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
+    offload: bool = False
+    """Keep the text encoders and the VAE on the CPU, on the device only while they encode or decode."""
     gradient_checkpointing: bool = False
     """Recompute denoiser activations in the backward pass (large models; same gradients, less memory)."""
     lora_rank: int = 8
@@ -90,6 +92,9 @@ class TrainConfig:
     """sum (weighted rewards, then advantages) or gdpo (per-reward advantages, then weighted sum)."""
     minibatch: int = 64
     """Transitions per backward pass; gradients accumulate over the step's minibatches."""
+    tokens_per_batch: Optional[int] = None
+    """Sequence-length-aware batching (video): at most this many transformer tokens per forward (CFG's two passes
+    counted), so the minibatch shrinks with resolution and frames; None: ``train.minibatch`` samples per forward."""
     inner_epochs: int = 1
     updates_per_epoch: int = 1
     """Optimizer steps per inner epoch: the step's trees are split into this many groups, one step each."""
@@ -238,6 +243,8 @@ def validate(cfg: Config, where: str) -> list[str]:
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if t.tokens_per_batch is not None and t.tokens_per_batch <= 0:
+        errors.append(f"{where}: 'train.tokens_per_batch' must be > 0 tokens, got {t.tokens_per_batch}")
     if cfg.model.num_frames is not None and cfg.model.num_frames <= 0:
         errors.append(f"{where}: 'model.num_frames' must be > 0, got {cfg.model.num_frames}")
     if cfg.model.resolution is not None and cfg.model.resolution <= 0:

@@ -57,6 +57,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     prompts: PromptStream
     eval_prompts: list[str]
+    minibatch: int = 1
+    """Samples per forward: ``train.minibatch``, capped by ``train.tokens_per_batch``."""
     writer: Any = None
     rank: int = 0
     world: int = 1
@@ -99,6 +101,8 @@ def build(cfg: Config, out: Path) -> Run:
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     if cfg.model.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
+    if cfg.model.offload:
+        adapter.enable_offload()
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     s = cfg.sampler
@@ -107,7 +111,20 @@ def build(cfg: Config, out: Path) -> Run:
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out), eval_prompts=held_out,
-               writer=writer, rank=rank, world=world)
+               minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world)
+
+
+def batch_size(cfg: Config, tokens_per_sample: int) -> int:
+    """Samples per forward: ``train.minibatch``, or fewer so that one forward (both CFG passes) holds at most
+    ``train.tokens_per_batch`` transformer tokens; at least 1."""
+    if cfg.train.tokens_per_batch is None:
+        return cfg.train.minibatch
+    passes = 1 if cfg.sampler.guidance_scale == 1.0 else 2
+    fit = max(1, cfg.train.tokens_per_batch // (tokens_per_sample * passes))
+    if fit < cfg.train.minibatch:
+        log.info("sequence-length-aware batching: %d tokens per sample x %d passes, %d samples per forward",
+                 tokens_per_sample, passes, fit)
+    return min(cfg.train.minibatch, fit)
 
 
 def _tensorboard(out: Path):
@@ -144,7 +161,7 @@ def collect(run: Run, step: int) -> Batch:
             ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, [seeds[i] for i in idx.tolist()],
                               run.adapter.latent_shape, kind=s.kind, noise_level=s.noise_level,
                               split_noise_scale=s.split_noise_scale, sde_steps=sde, cond=run.adapter.encode(chunk),
-                              max_batch=cfg.train.minibatch, device=run.adapter.device)
+                              max_batch=run.minibatch, device=run.adapter.device)
             parts.append(ro)
             images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
         if cfg.train.rollout_chunks > 1:
@@ -261,7 +278,7 @@ def optimize_ppo(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str,
             run.optimizer.zero_grad(set_to_none=True)
             for k in sorted(set(tr.step[part].tolist())):
                 e, parents, inverse = _step_groups(tr, part, k)
-                for chunk in torch.arange(len(parents)).split(cfg.train.minibatch):
+                for chunk in torch.arange(len(parents)).split(run.minibatch):
                     sel = torch.isin(inverse, chunk)
                     stats = _edge_loss(run, tr, adv, e[sel], parents[chunk], inverse[sel] - chunk[0], cond_all,
                                        n_elem, total)
@@ -324,7 +341,7 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
     The sampling policy (``v_old``) is the LoRA as it was at rollout time: in the first update its velocity is the
     trained one's, detached (same weights, same batch); later updates of the step recompute it with the rollout-time
     LoRA swapped in. Updates are grouped by tree like the clipped-ratio path (``train.updates_per_epoch``), points go
-    through the model ``train.minibatch`` at a time, and a process with no points still joins every update."""
+    through the model ``Run.minibatch`` at a time, and a process with no points still joins every update."""
     cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
     leaves = mask.shape[1]
     leaf, sigma, eps = nft_points(run, batch, mask, step)
@@ -337,7 +354,7 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
         for u, trees in enumerate(groups):
             points = torch.isin(leaf // leaves, trees).nonzero().flatten()
             run.optimizer.zero_grad(set_to_none=True)
-            for chunk in points.split(cfg.train.minibatch):
+            for chunk in points.split(run.minibatch):
                 li, sg = leaf[chunk], sigma[chunk]
                 x0 = x0_all[li].float()
                 x_t = (1 - sg.view(-1, *[1] * (x0.ndim - 1))) * x0 + sg.view(-1, *[1] * (x0.ndim - 1)) * eps[chunk]
@@ -398,7 +415,7 @@ class _Swap:
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
     """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG."""
     s = run.cfg.sampler
-    return sample(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.cfg.train.minibatch, reference)
+    return sample(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.minibatch, reference)
 
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:

@@ -194,3 +194,57 @@ def test_cli_eval_scores_the_middle_frame_of_videos(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "model"), "--family", "wan", "--resolution", "32",
                  "--num-frames", "9", "--n", "2", "--steps", "3"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == 0.0  # random weights
+
+
+def _embedded_tokens(family, adapter, x):
+    """Tokens the denoiser really sees for latents ``x``, counted through the family's own patch embedding."""
+    t = adapter.transformer
+    if family == "flux":
+        return adapter.pack(x).shape[1]
+    if family == "wan":
+        return t.patch_embedding(x).flatten(2).shape[2]
+    return t.patch_embed(x).shape[1]  # [B, N, D]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sequence_length_is_the_number_of_tokens_the_transformer_sees(family):
+    adapter = _adapter(family, FAMILIES[family][0]())
+    x = torch.zeros(1, *adapter.latent_shape)
+    assert adapter.sequence_length == _embedded_tokens(family, adapter, x)
+
+
+def test_tokens_per_batch_caps_the_samples_per_forward():
+    from diffrl.trainer import batch_size
+
+    cfg = load_config(None, ["train.minibatch=16", "train.tokens_per_batch=1000"])
+    assert batch_size(cfg, 64) == 7  # 1000 // (64 tokens x 2 CFG passes)
+    assert batch_size(load_config(None, ["train.minibatch=16", "train.tokens_per_batch=1000",
+                                         "sampler.guidance_scale=1.0"]), 64) == 15
+    assert batch_size(cfg, 4000) == 1  # one sample is always taken
+    assert batch_size(load_config(None, ["train.minibatch=4", "train.tokens_per_batch=1000"]), 8) == 4
+
+
+def test_offload_moves_encoders_and_vae_to_the_device_only_while_they_work(monkeypatch):
+    pipe = tiny_wan_pipeline()
+    adapter = _adapter("wan", pipe)
+    plain = sample(adapter, PROMPTS, seed=3, steps=2, guidance=4.5)
+    moves = []
+    original = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        for name in ("text_encoder", "vae"):
+            if module is getattr(pipe, name):
+                moves.append((name, str(args[0])))
+        return original(module, *args, **kwargs)
+
+    adapter._prompt_cache.clear()
+    adapter.enable_offload()
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    offloaded = sample(adapter, PROMPTS, seed=3, steps=2, guidance=4.5)
+    torch.testing.assert_close(offloaded, plain)
+    # to the device and back (the device is the CPU here): the encoder for the prompts, then for CFG's empty prompt;
+    # the VAE for the one decode
+    assert moves == [("text_encoder", "cpu")] * 4 + [("vae", "cpu")] * 2
+    moves.clear()
+    sample(adapter, PROMPTS, seed=3, steps=2, guidance=4.5)
+    assert moves == [("vae", "cpu")] * 2  # cached prompt embeddings: the encoder stays on the CPU

@@ -5,6 +5,7 @@ and add what is theirs: prompt encoding, the velocity call, the sigma schedule, 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -16,6 +17,7 @@ from diffrl.backends import check_attention_backend
 from diffrl.guidance import cfg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class ModelLoadError(RuntimeError):
@@ -58,10 +60,11 @@ class DiffusersAdapter:
         # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
         self.denoisers = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
                           if getattr(pipe, name, None) is not None}
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", *self.denoisers):
+        for name in (*ENCODERS, "vae", *self.denoisers):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
+        self.offload = False
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """The family's prompt encoder: ``{name: [len(prompts), ...]}``."""
@@ -78,6 +81,16 @@ class DiffusersAdapter:
         """Shape of one sample's latents; image families: ``(C, h, w)`` with the side their ``__init__`` set."""
         return (self.transformer.config.in_channels, self._side, self._side)
 
+    @property
+    def sequence_length(self) -> int:
+        """Transformer tokens per sample: the latent's trailing dims over the patch size (``patch_size`` of the
+        transformer config; an int patches the last two dims, a tuple the last ``len`` dims)."""
+        dims = self.latent_shape[1:]
+        p = self.transformer.config.get("patch_size", 1) or 1
+        p = tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+        p = (1,) * (len(dims) - len(p)) + p
+        return math.prod(d // q for d, q in zip(dims, p))
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Prompt conditioning ``{name: [n, ...]}`` (the family's ``_encode``), encoding only prompts not seen
@@ -86,7 +99,8 @@ class DiffusersAdapter:
             raise ValueError("no prompts to encode")
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            out = self._encode(missing)
+            with self._resident(ENCODERS):
+                out = self._encode(missing)
             for i, p in enumerate(missing):
                 self._prompt_cache[p] = {k: v[i] for k, v in out.items()}
         return {k: torch.stack([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}
@@ -118,6 +132,28 @@ class DiffusersAdapter:
                 p.requires_grad_("lora_" in name)
                 if "lora_" in name:
                     p.data = p.data.float()
+
+    def enable_offload(self) -> None:
+        """Keep the text encoders and the VAE in CPU memory, moving each to the device only while it encodes or
+        decodes (prompt embeddings are cached, so encoders come back only for new prompts); the denoiser has the
+        device to itself while it trains."""
+        self.offload = True
+        for name in (*ENCODERS, "vae"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to("cpu")
+
+    @contextlib.contextmanager
+    def _resident(self, names: Sequence[str]) -> Iterator[None]:
+        """With offload on, the named pipeline modules sit on the device inside the block and on the CPU after."""
+        modules = [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None] if self.offload else []
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each denoiser block's activations in the backward pass instead of keeping them (less memory
@@ -172,6 +208,12 @@ class DiffusersAdapter:
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[n, *latent_shape]`` -> media in [0, 1] (images ``[n, 3, H, W]``, videos ``[n, F, 3, H, W]``),
+        through the family's ``_decode`` with the VAE on the device."""
+        with self._resident(("vae",)):
+            return self._decode(latents)
+
+    def _decode(self, latents: Tensor) -> Tensor:
         """``[n, C, h, w]`` latents (scaled and shifted as the image pipelines keep them) -> ``[n, 3, H, W]`` images
         in [0, 1]; video families override it."""
         vae = self.pipe.vae

@@ -59,6 +59,11 @@ class FluxAdapter(DiffusersAdapter):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return sched.sigmas.float().clone()
 
+    @property
+    def sequence_length(self) -> int:
+        """Image tokens per sample: FLUX packs 2 x 2 latent patches into one token."""
+        return (self._side // 2) ** 2
+
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """Prompt embeddings ``{"embeds": [n, L, D], "pooled": [n, P]}`` (T5 sequence, CLIP pooled)."""
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device,

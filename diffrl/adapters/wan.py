@@ -86,8 +86,7 @@ class WanAdapter(DiffusersAdapter):
                 out[rows] = self._expert_velocity(model, scale, x[rows], sigma[rows], part)
         return out
 
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
+    def _decode(self, latents: Tensor) -> Tensor:
         """``[n, C, f, h, w]`` latents -> videos ``[n, F, 3, H, W]`` in [0, 1]."""
         vae = self.pipe.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
