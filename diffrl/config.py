@@ -90,6 +90,10 @@ class TrainConfig:
     """A reward still running after this many seconds on a batch fails that batch's samples (left out, warned)."""
     reward_aggregation: str = "sum"
     """sum (weighted rewards, then advantages) or gdpo (per-reward advantages, then weighted sum)."""
+    reward_routing: dict[str, list[str]] = field(default_factory=dict)
+    """Modality routing (OmniNFT, joint audio-video): reward name -> the latent streams its advantage trains, e.g.
+    ``{aesthetic: [video], av_sync: [video, audio]}``; each stream's log-prob gets the weighted sum of its rewards'
+    group z-scores. Empty: one advantage for the whole latent."""
     minibatch: int = 64
     """Transitions per backward pass; gradients accumulate over the step's minibatches."""
     tokens_per_batch: Optional[int] = None
@@ -258,6 +262,15 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'sampler.timestep_fraction' must be in (0, 1], got {s.timestep_fraction}")
     if not 0 <= t.ema_decay < 1:
         errors.append(f"{where}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
+    if t.reward_routing:
+        unrouted = sorted(set(cfg.rewards) - set(t.reward_routing))
+        if unrouted:
+            errors.append(f"{where}: 'train.reward_routing' routes no stream for rewards {unrouted}")
+        errors += [f"{where}: 'train.reward_routing.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
+                   for k in t.reward_routing if k not in cfg.rewards]
+        if t.objective != "ppo" or t.advantage != "grpo":
+            errors.append(f"{where}: 'train.reward_routing' needs 'train.objective' ppo and 'train.advantage' grpo "
+                          "(per-stream group z-scores)")
     if not cfg.rewards:
         errors.append(f"{where}: 'rewards' is empty; name at least one reward")
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
@@ -24,7 +24,7 @@ import rewards as reward_registry
 from diffrl import checkpoint
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.advantages import (
-    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, tree_node_values,
+    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages, tree_node_values,
 )
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import average_gradients, barrier, gather_rows, setup
@@ -34,7 +34,7 @@ from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples
-from diffrl.sde import sde_step
+from diffrl.sde import gaussian_log_prob, sde_step
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.types import TreeRollout
 from diffrl.viz import image_grid, line_plot, stills
@@ -103,6 +103,11 @@ def build(cfg: Config, out: Path) -> Run:
         adapter.enable_gradient_checkpointing()
     if cfg.model.offload:
         adapter.enable_offload()
+    routed = sorted({m for ms in cfg.train.reward_routing.values() for m in ms})
+    unknown = [m for m in routed if m not in (adapter.streams or {})]
+    if unknown:
+        raise ConfigError(f"'train.reward_routing' routes rewards to {unknown}, but the {cfg.model.family} model's "
+                          f"latent streams are {sorted(adapter.streams or {}) or 'one single stream'}")
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     s = cfg.sampler
@@ -199,9 +204,12 @@ def _prompt_groups(prompts: list[str]) -> Tensor:
     return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
 
 
-def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) -> tuple[Tensor, Tensor]:
-    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool; for ``train.objective: nft``, per-leaf
-    advantages ``[trees, leaves]`` of this process's trees and the leaves to train (the valid ones).
+def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
+              scores: Optional[dict[str, Tensor]] = None) -> tuple[Union[Tensor, dict[str, Tensor]], Tensor]:
+    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool; with ``train.reward_routing``, one ``[E]``
+    per modality (stream) from the per-reward scores ``{name: [trees * leaves]}`` (OmniNFT routing); for
+    ``train.objective: nft``, per-leaf advantages ``[trees, leaves]`` of this process's trees and the leaves to
+    train (the valid ones).
 
     Invalid leaves (a reward failed) take their group's mean valid reward, so they move no statistic, and the
     edges that lead only to invalid leaves are not trained.
@@ -209,14 +217,23 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) 
     cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
     groups = _prompt_groups(batch.all_prompts)
     leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
-    means = torch.zeros(int(groups.max()) + 1).index_add_(0, leaf_groups[valid], leaf_r[valid])
-    counts = torch.zeros_like(means).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
-    leaf_r = torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
+    leaf_r = _fill_invalid(leaf_r, valid, leaf_groups)
+    rows = batch.first_tree + tr.tree  # this process's trees among all
+    reaches_valid = (valid.float() @ sched.leaf_matrix.float().T) > 0
+    if cfg.train.reward_routing:
+        if scores is None:
+            raise ValueError("train.reward_routing needs the per-reward scores")
+        filled = {k: _fill_invalid(v.reshape(leaf_r.shape), valid, leaf_groups).flatten() for k, v in scores.items()}
+        per_mod = route_advantages(filled, leaf_groups.flatten(), cfg.train.reward_routing, cfg.rewards)
+        m = sched.leaf_matrix.float()
+        adv = {name: clip_advantages(((a.reshape(leaf_r.shape) @ m.T) / m.sum(1))[rows, tr.child], cfg.train.adv_clip)
+               for name, a in per_mod.items()}
+        return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
     if cfg.train.objective == "nft":
         fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
-        rows = batch.first_tree + torch.arange(len(batch.prompts))
+        trees = batch.first_tree + torch.arange(len(batch.prompts))
         leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
-        return leaf_adv[rows], valid[rows]
+        return leaf_adv[trees], valid[trees]
     if cfg.train.advantage == "tree":
         node_adv = depthwise_advantages(tree_node_values(leaf_r, sched), sched, tree_groups=groups)
     else:
@@ -226,10 +243,16 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int) 
         node_adv = (leaf_adv @ m.T) / m.sum(1)
     if cfg.log.save_advantages and run.rank == 0:
         save_file({"node_advantages": node_adv.contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
-    rows = batch.first_tree + tr.tree  # this process's trees among all
     adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
-    reaches_valid = (valid.float() @ sched.leaf_matrix.float().T) > 0
     return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
+
+
+def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
+    """Invalid leaves take their group's mean valid value (``[trees, leaves]`` each)."""
+    n = int(leaf_groups.max()) + 1
+    means = torch.zeros(n).index_add_(0, leaf_groups[valid], leaf_r[valid])
+    counts = torch.zeros(n).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
+    return torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
 
 
 def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
@@ -251,14 +274,14 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return e, e[first], inverse
 
 
-def optimize(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int = 0) -> dict[str, float]:
+def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor, step: int = 0) -> dict[str, float]:
     """The update for ``train.objective``: clipped-ratio (``ppo``) or DiffusionNFT (``nft``)."""
     if run.cfg.train.objective == "nft":
         return optimize_nft(run, batch, adv, mask, step)
     return optimize_ppo(run, batch, adv, mask)
 
 
-def optimize_ppo(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str, float]:
+def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor) -> dict[str, float]:
     """Clipped-ratio updates on the trained edges. Each inner epoch splits the step's trees into
     ``train.updates_per_epoch`` groups and takes one optimizer step per group (gradients accumulate over the group's
     edges, step by step, in minibatches). Each parent's velocity is computed once and in the rollout's batches, so
@@ -294,7 +317,7 @@ def optimize_ppo(run: Run, batch: Batch, adv: Tensor, mask: Tensor) -> dict[str,
     return stats_sum
 
 
-def _edge_loss(run: Run, tr, adv: Tensor, edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
+def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
                n_elem: int, total: int) -> dict[str, float]:
     """Loss of some edges of one step (weighted by their share of all trained edges) and its backward."""
     cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
@@ -308,12 +331,46 @@ def _edge_loss(run: Run, tr, adv: Tensor, edges: Tensor, parents: Tensor, parent
             v_ref = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
             ref_mean = sde_step(tr.x[edges], v_ref, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges],
                                 **kw).mean
+    if isinstance(adv, dict):
+        return _stream_losses(run, tr, adv, edges, out.mean, ref_mean, n_elem, total)
     loss, stats = policy_loss(out.log_prob, tr.log_prob[edges], adv[edges], clip_range=cfg.train.clip_range,
                               num_elements=n_elem, kl_weight=cfg.train.kl_weight, mean=out.mean, ref_mean=ref_mean,
                               std=tr.std[edges])
     (loss * len(edges) / total).backward()
-    return {"kl": stats.kl, "clip_frac": stats.clip_frac, "approx_kl": stats.approx_kl, "ratio_mean": stats.ratio_mean,
-            "ratio_dev": max(stats.ratio_max - 1, 1 - stats.ratio_min), "policy_loss": stats.policy_loss}
+    return _loss_stats([(1.0, stats)])
+
+
+def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Tensor, ref_mean: Optional[Tensor],
+                   n_elem: int, total: int) -> dict[str, float]:
+    """Modality routing (OmniNFT): each stream's log-prob over its own elements, the clipped-ratio loss with that
+    stream's advantage, weighted by its share D_m / D of the latent. The rollout-time log-prob of a stream is
+    recomputed from the stored fp32 mean, so the ratio is exactly 1 before the first update. A stream with no
+    routed reward is not trained."""
+    cfg, parts, loss = run.cfg, [], 0.0
+    x_next, old_mean, std = tr.x_next[edges].flatten(1), tr.mean[edges].flatten(1), tr.std[edges]
+    for name, sl in run.adapter.streams.items():
+        if name not in adv:
+            continue
+        d = sl.stop - sl.start
+        new_lp = gaussian_log_prob(x_next[:, sl], mean.flatten(1)[:, sl], std)
+        old_lp = gaussian_log_prob(x_next[:, sl], old_mean[:, sl], std)
+        ref = None if ref_mean is None else ref_mean.flatten(1)[:, sl]
+        l_m, st = policy_loss(new_lp, old_lp, adv[name][edges], clip_range=cfg.train.clip_range, num_elements=d,
+                              kl_weight=cfg.train.kl_weight, mean=mean.flatten(1)[:, sl], ref_mean=ref, std=std)
+        loss = loss + l_m * d / n_elem
+        parts.append((d / n_elem, st))
+    (loss * len(edges) / total).backward()
+    return _loss_stats(parts)
+
+
+def _loss_stats(parts: list) -> dict[str, float]:
+    """The metrics of one minibatch's loss: ``(weight, LossStats)`` per stream, weighted sums (the ratio's extremes
+    over all streams)."""
+    w = sum(p[0] for p in parts)
+    avg = lambda name: sum(p[0] * getattr(p[1], name) for p in parts) / w  # noqa: E731
+    dev = max(max(p[1].ratio_max - 1, 1 - p[1].ratio_min) for p in parts)
+    return {"kl": avg("kl"), "clip_frac": avg("clip_frac"), "approx_kl": avg("approx_kl"),
+            "ratio_mean": avg("ratio_mean"), "ratio_dev": dev, "policy_loss": avg("policy_loss")}
 
 
 def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -529,7 +586,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     batch = collect(run, step)
     t0 = time.perf_counter()
     leaf_r, valid, scores = score(run, batch)
-    adv, mask = advantage(run, batch, leaf_r, valid, step)
+    adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
     stats = optimize(run, batch, adv, mask, step)
     ema_update(run, state)
     r = leaf_r[valid]

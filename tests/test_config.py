@@ -81,3 +81,14 @@ def test_nft_objective_needs_leaf_advantages_and_a_positive_a_max(tmp_path):
     assert "'train.adv_clip' is DiffusionNFT's A_max and must be > 0" in str(e.value)
     with pytest.raises(ConfigError, match="'train.objective' must be one of"):
         load_config(p, ["train.objective=dpo"])
+
+
+def test_reward_routing_must_route_every_reward_and_use_group_advantages(tmp_path):
+    p = write(tmp_path, "rewards: {aesthetic: 1.0, av_sync: 0.5}\n"
+                        "train:\n  advantage: tree\n  reward_routing: {av_sync: [video, audio], clip: [video]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "'train.reward_routing' routes no stream for rewards ['aesthetic']" in msg
+    assert "'train.reward_routing.clip' names no reward in 'rewards'" in msg
+    assert "'train.reward_routing' needs 'train.objective' ppo and 'train.advantage' grpo" in msg

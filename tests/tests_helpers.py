@@ -2,6 +2,8 @@
 import os
 from pathlib import Path
 
+from diffrl.adapters.sd3 import SD3Adapter
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("DIFFRL_TEST_MODEL", str(ROOT / "assets" / "tiny-sd3-shapes"))
 TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_steps=4", "sampler.split_steps=[1]",
@@ -21,3 +23,14 @@ SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / 
 def darkness(media, prompts):
     """The negated ``brightness`` reward."""
     return {"darkness": -media.float().flatten(1).mean(1)}
+
+
+
+class TwoStreamSD3(SD3Adapter):
+    """The tiny SD3 adapter with its latent declared as two streams (channel 0 "video", the rest "audio"): exercises
+    the trainer's per-stream log-probs and reward routing without a joint audio-video model."""
+
+    @property
+    def streams(self):
+        plane = self.latent_shape[1] * self.latent_shape[2]
+        return {"video": slice(0, plane), "audio": slice(plane, self.latent_shape[0] * plane)}

@@ -52,6 +52,10 @@ class DiffusersAdapter:
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
     defaults here do not fit)."""
 
+    streams: Optional[dict[str, slice]] = None
+    """Joint audio-video families: stream name -> its elements of the flattened latent (``x.flatten(1)[:, slice]``),
+    for per-modality log-probs and advantages (``train.reward_routing``); None: one stream."""
+
     def __init__(self, pipe: Any, device: str = "cpu", dtype: str = "float32"):
         self.pipe = pipe.to(device)
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
