@@ -37,7 +37,7 @@ from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.sde import gaussian_log_prob, sde_step
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.types import TreeRollout
-from diffrl.viz import image_grid, line_plot, stills
+from diffrl.viz import cat_media, image_grid, line_plot, stills
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
@@ -81,7 +81,7 @@ class Batch:
     all_prompts: list[str]  # one per tree of every process, in rank order
     first_tree: int  # global index of this process's first tree
     rollout: TreeRollout
-    images: Tensor  # [trees * leaves, 3, H, W]
+    images: Union[Tensor, dict]  # decoded media of every leaf: [trees * leaves, 3, H, W], videos, audio-video dicts
     rollout_s: float
     pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
 
@@ -173,7 +173,7 @@ def collect(run: Run, step: int) -> Batch:
             pending.append(_SCORING.submit(score_samples, run.rewards, images[-1],
                                            [p for p in chunk for _ in range(leaves)], cfg.train.reward_timeout_s))
     return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first,
-                 rollout=parts[0] if len(parts) == 1 else concat_rollouts(parts), images=torch.cat(images),
+                 rollout=parts[0] if len(parts) == 1 else concat_rollouts(parts), images=cat_media(images),
                  rollout_s=time.perf_counter() - t0, pending_scores=pending)
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -99,7 +100,17 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     img.save(path)
 
 
-def stills(media: Tensor) -> Tensor:
+def stills(media: Union[Tensor, dict]) -> Tensor:
     """Images ``[n, 3, H, W]`` for grids and the shapes verifier: videos ``[n, F, 3, H, W]`` give their middle
-    frame."""
+    frame; audio-video media (``{"video": ..., "audio": ...}``) their video's."""
+    if isinstance(media, dict):
+        media = media["video"]
     return media[:, media.shape[1] // 2] if media.dim() == 5 else media
+
+
+def cat_media(parts: list) -> Union[Tensor, dict]:
+    """Concatenate decoded media along the batch: tensors, or audio-video dicts (tensor fields concatenated, the
+    rest, such as ``fps`` and ``sample_rate``, taken from the first part)."""
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) if isinstance(v, Tensor) else v for k, v in parts[0].items()}
+    return torch.cat(parts)

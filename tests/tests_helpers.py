@@ -34,3 +34,13 @@ class TwoStreamSD3(SD3Adapter):
     def streams(self):
         plane = self.latent_shape[1] * self.latent_shape[2]
         return {"video": slice(0, plane), "audio": slice(plane, self.latent_shape[0] * plane)}
+
+
+def video_brightness(media, prompts):
+    """Audio-video test reward on the video stream: mean pixel value of the frames."""
+    return {"video_brightness": media["video"].float().flatten(1).mean(1)}
+
+
+def loudness(media, prompts):
+    """Audio-video test reward on the audio stream: mean absolute amplitude of the waveform."""
+    return {"loudness": media["audio"].float().abs().flatten(1).mean(1)}

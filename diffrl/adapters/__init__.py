@@ -10,6 +10,7 @@ from typing import Optional
 ADAPTERS: dict[str, str] = {
     "sd3": "diffrl.adapters.sd3:SD3Adapter", "flux": "diffrl.adapters.flux:FluxAdapter",
     "sana": "diffrl.adapters.sana:SanaAdapter", "wan": "diffrl.adapters.wan:WanAdapter",
+    "ltx2": "diffrl.adapters.ltx2:LTX2Adapter",
 }
 
 

@@ -17,7 +17,8 @@ from diffrl.backends import check_attention_backend
 from diffrl.guidance import cfg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "connectors")
+DECODERS = ("vae", "audio_vae", "vocoder")
 
 
 class ModelLoadError(RuntimeError):
@@ -64,7 +65,7 @@ class DiffusersAdapter:
         # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
         self.denoisers = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
                           if getattr(pipe, name, None) is not None}
-        for name in (*ENCODERS, "vae", *self.denoisers):
+        for name in (*ENCODERS, *DECODERS, *self.denoisers):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
@@ -142,7 +143,7 @@ class DiffusersAdapter:
         decodes (prompt embeddings are cached, so encoders come back only for new prompts); the denoiser has the
         device to itself while it trains."""
         self.offload = True
-        for name in (*ENCODERS, "vae"):
+        for name in (*ENCODERS, *DECODERS):
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.to("cpu")
@@ -214,7 +215,7 @@ class DiffusersAdapter:
     def decode(self, latents: Tensor) -> Tensor:
         """Latents ``[n, *latent_shape]`` -> media in [0, 1] (images ``[n, 3, H, W]``, videos ``[n, F, 3, H, W]``),
         through the family's ``_decode`` with the VAE on the device."""
-        with self._resident(("vae",)):
+        with self._resident(DECODERS):
             return self._decode(latents)
 
     def _decode(self, latents: Tensor) -> Tensor:
