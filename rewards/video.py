@@ -23,15 +23,17 @@ def temporal_consistency(video: Tensor) -> Tensor:
 
 def on_frames(image_reward: Callable, stride: int = 4, reduction: str = "mean") -> Callable:
     """A video reward from an image reward: every ``stride``-th frame scored, each score reduced over frames, plus
-    ``temporal_consistency``. Media: ``[B, F, 3, H, W]`` in [0, 1]."""
+    ``temporal_consistency``. Media: ``[B, F, 3, H, W]`` in [0, 1], or audio-video media whose ``"video"`` is."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"video reward: unknown reduction {reduction!r}; choose one of {sorted(REDUCTIONS)}")
     if stride < 1:
         raise ValueError(f"video reward: stride must be >= 1, got {stride}")
 
-    def reward(media: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+    def reward(media, prompts: Sequence[str]) -> dict[str, Tensor]:
+        if isinstance(media, dict):  # audio-video media: the frames
+            media = media.get("video")
         if not isinstance(media, Tensor) or media.dim() != 5:
-            raise ValueError("video rewards take a [B, F, C, H, W] tensor in [0, 1]")
+            raise ValueError("video rewards take a [B, F, C, H, W] tensor in [0, 1] (or audio-video media with one)")
         frames = media[:, ::stride]
         b, f = frames.shape[:2]
         per = image_reward(frames.flatten(0, 1), [p for p in prompts for _ in range(f)])

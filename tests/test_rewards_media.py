@@ -100,6 +100,8 @@ def test_image_reward_on_video_frames_with_reduction():
     assert torch.allclose(out["bright"], torch.tensor([0.1, 0.1]))  # frames 0, 2, 4 -> 0.2, 0.9, 0.1
     assert on_frames(brightness, stride=2)(video, ["a", "b"])["bright"][0].item() == pytest.approx(0.4)
     assert out["temporal_consistency"][0].item() == pytest.approx(1 - (0.2 + 0.5 + 0.4 + 0.4) / 4)
+    av = {"video": video, "audio": torch.zeros(2, 2, 100), "fps": 24.0, "sample_rate": 16000}
+    assert torch.equal(on_frames(brightness, stride=2, reduction="min")(av, ["a", "b"])["bright"], out["bright"])
     assert temporal_consistency(torch.zeros(1, 3, 3, 2, 2)).item() == 1.0
     import rewards
 
