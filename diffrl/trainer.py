@@ -34,7 +34,7 @@ from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples
-from diffrl.sde import gaussian_log_prob, sde_step
+from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.types import TreeRollout
 from diffrl.viz import cat_media, image_grid, line_plot, stills
@@ -225,8 +225,7 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
             raise ValueError("train.reward_routing needs the per-reward scores")
         filled = {k: _fill_invalid(v.reshape(leaf_r.shape), valid, leaf_groups).flatten() for k, v in scores.items()}
         per_mod = route_advantages(filled, leaf_groups.flatten(), cfg.train.reward_routing, cfg.rewards)
-        m = sched.leaf_matrix.float()
-        adv = {name: clip_advantages(((a.reshape(leaf_r.shape) @ m.T) / m.sum(1))[rows, tr.child], cfg.train.adv_clip)
+        adv = {name: clip_advantages(_node_means(a.reshape(leaf_r.shape), sched)[rows, tr.child], cfg.train.adv_clip)
                for name, a in per_mod.items()}
         return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
     if cfg.train.objective == "nft":
@@ -238,13 +237,17 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
         node_adv = depthwise_advantages(tree_node_values(leaf_r, sched), sched, tree_groups=groups)
     else:
         fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
-        leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
-        m = sched.leaf_matrix.float()
-        node_adv = (leaf_adv @ m.T) / m.sum(1)
+        node_adv = _node_means(fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape), sched)
     if cfg.log.save_advantages and run.rank == 0:
         save_file({"node_advantages": node_adv.contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
     adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
     return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
+
+
+def _node_means(leaf_values: Tensor, sched: TreeSchedule) -> Tensor:
+    """``[trees, leaves]`` -> ``[trees, nodes]``: each node's mean over the leaves below it."""
+    m = sched.leaf_matrix.float()
+    return (leaf_values @ m.T) / m.sum(1)
 
 
 def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
@@ -311,10 +314,16 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
                             stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
                         for name, v in stats.items():
                             stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / int(mask.sum())
-            average_gradients(ad.trainable_parameters())
-            torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
-            run.optimizer.step()
+            _apply_update(run)
     return stats_sum
+
+
+def _apply_update(run: Run) -> None:
+    """One optimizer step on the accumulated gradients: averaged over processes, then clipped."""
+    params = run.adapter.trainable_parameters()
+    average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
+    run.optimizer.step()
 
 
 def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
@@ -348,15 +357,16 @@ def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Te
     routed reward is not trained."""
     cfg, parts, loss = run.cfg, [], 0.0
     x_next, old_mean, std = tr.x_next[edges].flatten(1), tr.mean[edges].flatten(1), tr.std[edges]
+    mean = mean.flatten(1)
     for name, sl in run.adapter.streams.items():
         if name not in adv:
             continue
         d = sl.stop - sl.start
-        new_lp = gaussian_log_prob(x_next[:, sl], mean.flatten(1)[:, sl], std)
+        new_lp = gaussian_log_prob(x_next[:, sl], mean[:, sl], std)
         old_lp = gaussian_log_prob(x_next[:, sl], old_mean[:, sl], std)
         ref = None if ref_mean is None else ref_mean.flatten(1)[:, sl]
         l_m, st = policy_loss(new_lp, old_lp, adv[name][edges], clip_range=cfg.train.clip_range, num_elements=d,
-                              kl_weight=cfg.train.kl_weight, mean=mean.flatten(1)[:, sl], ref_mean=ref, std=std)
+                              kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std)
         loss = loss + l_m * d / n_elem
         parts.append((d / n_elem, st))
     (loss * len(edges) / total).backward()
@@ -414,7 +424,8 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
             for chunk in points.split(run.minibatch):
                 li, sg = leaf[chunk], sigma[chunk]
                 x0 = x0_all[li].float()
-                x_t = (1 - sg.view(-1, *[1] * (x0.ndim - 1))) * x0 + sg.view(-1, *[1] * (x0.ndim - 1)) * eps[chunk]
+                s_b = append_dims(sg, x0.ndim)
+                x_t = (1 - s_b) * x0 + s_b * eps[chunk]
                 cond = {key: v[li // leaves] for key, v in cond_all.items()}
                 x_in = x_t.to(x0_all.dtype)
                 on_policy = epoch == 0 and u == 0
@@ -434,9 +445,7 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
                 if epoch == 0:
                     for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
                         stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
-            average_gradients(ad.trainable_parameters())
-            torch.nn.utils.clip_grad_norm_(ad.trainable_parameters(), cfg.train.max_grad_norm)
-            run.optimizer.step()
+            _apply_update(run)
     return stats_sum
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,10 +122,30 @@ class DiffusersAdapter:
         ``cond`` holds ``[n, ...]`` tensors."""
         if guidance_scale == 1.0:
             return forward(x, sigma, cond)
+        v_u, v_c = forward(*self.with_unconditional(x, sigma, cond)).chunk(2)
+        return cfg(v_u, v_c, guidance_scale)
+
+    def with_unconditional(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict]:
+        """CFG's one batch: ``x``, ``sigma`` and ``cond`` (``[n, ...]``) doubled to ``2n`` rows, the unconditional
+        (empty prompt) rows first."""
         u, n = self.unconditional(), x.shape[0]
         both = {k: torch.cat([u[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
-        v_u, v_c = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-        return cfg(v_u, v_c, guidance_scale)
+        return torch.cat([x, x]), torch.cat([sigma, sigma]), both
+
+    def shifted_sigmas(self, num_steps: int, tokens: int, base_seq: int, max_seq: int, base_shift: float,
+                       max_shift: float) -> Tensor:
+        """``[num_steps + 1]`` fp32 sigmas of the FLUX / LTX-2 pipelines: linspace(1, 1/N, N) through the scheduler
+        with the resolution-dependent shift ``mu`` = calculate_shift(tokens) (the scheduler config's own
+        ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift`` where it has them, else the
+        given defaults), then 0."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = self.pipe.scheduler
+        c = sched.config
+        mu = calculate_shift(tokens, c.get("base_image_seq_len", base_seq), c.get("max_image_seq_len", max_seq),
+                             c.get("base_shift", base_shift), c.get("max_shift", max_shift))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
+        return sched.sigmas.float().clone()
 
     def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
         """Attach trainable LoRA adapters (peft) to every denoiser, in fp32; the reference is the adapters off."""

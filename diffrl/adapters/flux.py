@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,14 +49,7 @@ class FluxAdapter(DiffusersAdapter):
     def sigmas(self, num_steps: int) -> Tensor:
         """``[num_steps + 1]`` fp32 sigmas exactly as FluxPipeline sets them: linspace(1, 1/N, N) shifted by
         ``mu`` = calculate_shift(image tokens), then 0."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        sched = self.pipe.scheduler
-        c = sched.config
-        mu = calculate_shift((self._side // 2) ** 2, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
-        return sched.sigmas.float().clone()
+        return self.shifted_sigmas(num_steps, (self._side // 2) ** 2, 256, 4096, 0.5, 1.15)
 
     @property
     def sequence_length(self) -> int:

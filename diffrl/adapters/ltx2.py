@@ -67,14 +67,7 @@ class LTX2Adapter(DiffusersAdapter):
     def sigmas(self, num_steps: int) -> Tensor:
         """``[num_steps + 1]`` fp32 sigmas as LTX2Pipeline sets them: linspace(1, 1/N, N) shifted by ``mu`` =
         calculate_shift(video tokens) (and stretched to the scheduler's ``shift_terminal``), then 0."""
-        from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
-
-        sched = self.pipe.scheduler
-        c = sched.config
-        mu = calculate_shift(int(np.prod(self.video_grid)), c.get("base_image_seq_len", 1024),
-                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.95), c.get("max_shift", 2.05))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
-        return sched.sigmas.float().clone()
+        return self.shifted_sigmas(num_steps, int(np.prod(self.video_grid)), 1024, 4096, 0.95, 2.05)
 
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """Gemma hidden states through the pipeline's text connectors (per prompt, so caching them is exact)."""
@@ -110,9 +103,7 @@ class LTX2Adapter(DiffusersAdapter):
         if guidance_scale == 1.0 and g_audio == 1.0:
             v_video, v_audio = self._forward(x, sigma, cond)
         else:
-            u, n = self.unconditional(), x.shape[0]
-            both = {k: torch.cat([u[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
-            v_video, v_audio = self._forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+            v_video, v_audio = self._forward(*self.with_unconditional(x, sigma, cond))
             v_video, v_audio = cfg(*v_video.chunk(2), guidance_scale), cfg(*v_audio.chunk(2), g_audio)
         return torch.cat([v_video.flatten(1), v_audio.flatten(1)], dim=1)
 
