@@ -171,20 +171,30 @@ def tree_node_values(
 
 
 def depthwise_advantages(
-    node_values: Tensor, schedule: TreeSchedule, tree_groups: Optional[Tensor] = None, eps: float = 1e-8
+    node_values: Tensor, schedule: TreeSchedule, tree_groups: Optional[Tensor] = None, eps: float = 1e-8,
+    valid: Optional[Tensor] = None,
 ) -> Tensor:
     """Depth-wise advantage of every node (BranchGRPO (c)): z-score of R(n) among the nodes of the same depth.
 
     node_values: ``[T, N]``. tree_groups: ``[T]`` ids; trees with the same id (e.g. several trees of one prompt)
     are normalised together per depth (default: each tree alone). A depth with one node, or with std < 1e-6,
-    gives 0. Returns ``[T, N]``; the edge parent -> child trains with the child's advantage.
+    gives 0. valid: ``[T, N]`` bool, the nodes that take part (e.g. those above a regenerated or valid leaf); the
+    others get 0 and move no statistic. Returns ``[T, N]``; the edge parent -> child trains with the child's
+    advantage.
     """
     n_trees, n_nodes = node_values.shape
     groups = torch.arange(n_trees) if tree_groups is None else tree_groups.cpu()
     depth = schedule.depth
-    keys = groups.repeat_interleave(n_nodes) * (schedule.num_steps + 1) + depth.repeat(n_trees)
-    mean, std, _ = _group_stats(node_values.flatten(), keys.to(node_values.device))
-    return _zscore(node_values.flatten(), mean, std, eps).reshape(n_trees, n_nodes)
+    keys = (groups.repeat_interleave(n_nodes) * (schedule.num_steps + 1) + depth.repeat(n_trees)).to(node_values.device)
+    values = node_values.flatten()
+    if valid is None:
+        mean, std, _ = _group_stats(values, keys)
+        return _zscore(values, mean, std, eps).reshape(n_trees, n_nodes)
+    v = valid.flatten().to(values.device)
+    out = torch.zeros_like(values)
+    mean, std, _ = _group_stats(values[v], keys[v])
+    out[v] = _zscore(values[v], mean, std, eps)
+    return out.reshape(n_trees, n_nodes)
 
 
 ESTIMATORS: dict[str, Callable[..., Tensor]] = {"grpo": group_advantages, "rloo": rloo_advantages}

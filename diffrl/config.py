@@ -109,6 +109,34 @@ class TrainConfig:
 
 
 @dataclass
+class ExploreConfig:
+    """Low-precision exploration with exact regeneration (Sol-RL; ``diffrl.explore``)."""
+
+    enabled: bool = False
+    candidates: int = 4
+    """Trees (flat: chains) previewed per prompt; replaces ``train.trees_per_prompt`` while exploring."""
+    keep: int = 2
+    """Leaves per prompt regenerated in full precision and trained on (K of candidates x leaves per tree)."""
+    precision: str = "fp8"
+    """Exploration copy's grid: fp8 (e4m3), nvfp4 or mxfp4."""
+    backend: str = "auto"
+    """auto (torchao GEMMs where the GPU has them, else emulated), emulated, or native (an error where impossible)."""
+    preview: str = "ode"
+    """ode: deterministic Euler drafts from each candidate's initial noise (flat schedules; Sol-RL); rollout: the
+    training schedule with the same SDE noises (needed for trees and for ``naive``)."""
+    preview_steps: Optional[int] = None
+    """Steps of the ODE preview; None: ``sampler.num_steps``."""
+    select: str = "best_worst"
+    """best_worst, mean_deviation, max_variance (D^3S) or random (the control)."""
+    skip_modules: list[str] = field(default_factory=list)
+    """Linear layers (name substrings) kept in the model's precision."""
+    min_dim: int = 0
+    """Linear layers with max(d_in, d_out) <= this stay in the model's precision."""
+    naive: bool = False
+    """Train on the low-precision samples themselves, no regeneration (the degraded baseline, for comparison)."""
+
+
+@dataclass
 class DataConfig:
     prompts: str = "shapes"
     """"shapes" (the generated grammar) or a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file."""
@@ -137,6 +165,7 @@ class Config:
     """Reward name (or pkg.module:fn) -> weight. A reward returning several scores uses its first."""
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Reward name -> keyword options for it (e.g. ``aesthetic: {weights: /path/head.pth}``, ``remote: {url: ...}``)."""
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -144,7 +173,9 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
     "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"), "train.objective": ("ppo", "nft"),
-    "train.reward_aggregation": ("sum", "gdpo"),
+    "train.reward_aggregation": ("sum", "gdpo"), "explore.precision": ("fp8", "nvfp4", "mxfp4"),
+    "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
+    "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
 }
 
 
@@ -236,7 +267,8 @@ def validate(cfg: Config, where: str) -> list[str]:
                           f"got {s.sde_window}")
         elif any(not s.sde_window[0] <= k < sum(s.sde_window) for k in s.split_steps):
             errors.append(f"{where}: 'sampler.split_steps' must lie inside 'sampler.sde_window'")
-    group = t.trees_per_prompt * (s.branch_factor ** len(s.split_steps))
+    leaves = s.branch_factor ** len(s.split_steps)
+    group = cfg.explore.keep if cfg.explore.enabled else t.trees_per_prompt * leaves
     if group < 2:
         errors.append(f"{where}: a group size of {group} (train.trees_per_prompt x leaves per tree) has no "
                       "variance to learn from; use at least 2 leaves per prompt")
@@ -271,10 +303,35 @@ def validate(cfg: Config, where: str) -> list[str]:
         if t.objective != "ppo" or t.advantage != "grpo":
             errors.append(f"{where}: 'train.reward_routing' needs 'train.objective' ppo and 'train.advantage' grpo "
                           "(per-stream group z-scores)")
+    if cfg.explore.enabled:
+        errors += _explore_errors(cfg, leaves, where)
     if not cfg.rewards:
         errors.append(f"{where}: 'rewards' is empty; name at least one reward")
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                for k in cfg.reward_options if k not in cfg.rewards]
+    return errors
+
+
+def _explore_errors(cfg: Config, leaves: int, where: str) -> list[str]:
+    e, s, t, errors = cfg.explore, cfg.sampler, cfg.train, []
+    if e.candidates < 1:
+        errors.append(f"{where}: 'explore.candidates' must be >= 1, got {e.candidates}")
+    elif not e.keep <= e.candidates * leaves:
+        errors.append(f"{where}: 'explore.keep' ({e.keep}) must be at most 'explore.candidates' x leaves per tree "
+                      f"({e.candidates} x {leaves})")
+    if e.preview == "ode" and s.split_steps:
+        errors.append(f"{where}: 'explore.preview' ode drafts flat chains; a tree schedule ('sampler.split_steps') "
+                      "needs 'explore.preview' rollout")
+    if e.naive and e.preview != "rollout":
+        errors.append(f"{where}: 'explore.naive' trains on the preview itself, which needs 'explore.preview' rollout")
+    if e.preview_steps is not None and (e.preview != "ode" or e.preview_steps < 1):
+        errors.append(f"{where}: 'explore.preview_steps' must be >= 1 and only applies to 'explore.preview' ode")
+    if t.trees_per_prompt != 1:
+        errors.append(f"{where}: with 'explore.enabled', 'explore.candidates' sets the trees per prompt: leave "
+                      "'train.trees_per_prompt' at 1")
+    if t.advantage == "rloo" or t.reward_routing or t.rollout_chunks > 1:
+        errors.append(f"{where}: 'explore.enabled' works with 'train.advantage' tree or grpo, without "
+                      "'train.reward_routing' and with 'train.rollout_chunks' 1")
     return errors
 
 

@@ -54,6 +54,7 @@ def tree_rollout(
     max_batch: Optional[int] = None,
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
+    keep: Optional[Tensor] = None,
 ) -> TreeRollout:
     """Roll out ``len(tree_seeds)`` trees of ``schedule`` through ``velocity`` and record every edge.
 
@@ -62,6 +63,9 @@ def tree_rollout(
     std multiplier lambda at split steps (the child's log-prob uses the scaled std). All trees advance together:
     step ``k`` makes one batched call over the ``n_trees * A_k`` active nodes, so each shared prefix is computed once.
     Noise comes from ``step_noise(seed, k, ...)``: the same seeds reproduce the same tree.
+    keep: ``[n_trees, N]`` bool, the nodes to compute (closed under parents, e.g. ``keep_paths``): only their edges
+    are evaluated and recorded, each with exactly the noise it has in the whole tree (regeneration of selected
+    paths); the leaves not kept are zeros and ``TreeRollout.kept`` says which are real.
     """
     T = schedule.num_steps
     if sigmas.shape != (T + 1,):
@@ -75,9 +79,14 @@ def tree_rollout(
     if bad:
         raise ValueError(f"split steps {bad} are deterministic (ODE) steps: branching there makes identical children")
     n_trees = len(tree_seeds)
+    nodes = None if keep is None else keep.bool().cpu()
+    if nodes is not None and (nodes.shape != (n_trees, schedule.num_nodes) or not nodes[:, 0].any()):
+        raise ValueError(f"keep must be [{n_trees}, {schedule.num_nodes}] bool with at least one root kept")
     shape = tuple(latent_shape)
-    x = torch.cat([step_noise(s, -1, 1, shape) for s in tree_seeds]).to(device=device, dtype=dtype)
-    n_edges = n_trees * (schedule.num_nodes - 1)
+    tree = torch.arange(n_trees) if nodes is None else nodes[:, 0].nonzero().flatten()  # the tree of each row
+    pos = torch.zeros(len(tree), dtype=torch.long)  # each row's position among its step's active nodes
+    x = torch.cat([step_noise(tree_seeds[t], -1, 1, shape) for t in tree.tolist()]).to(device=device, dtype=dtype)
+    n_edges = n_trees * (schedule.num_nodes - 1) if nodes is None else int(nodes[:, 1:].sum())
     # Latent-sized records go straight into preallocated buffers: no per-step tensors kept alive, no final cat.
     big = {"x": x.new_empty((n_edges, *shape)), "x_next": x.new_empty((n_edges, *shape)),
            "mean": torch.empty((n_edges, *shape), device=x.device, dtype=torch.float32)}
@@ -85,41 +94,59 @@ def tree_rollout(
     nfe = row = 0
     for k in range(T):
         a_k, b = len(schedule.step_nodes[k]), schedule.branch[k]
-        tree = torch.arange(n_trees).repeat_interleave(a_k)
         sigma = sigmas[k].expand(x.shape[0]).to(x.device, torch.float32)
         v = evaluate_velocity(velocity, x, sigma, tree, cond, max_batch)
         nfe += x.shape[0]
+        # Children: b per row, at positions pos * b + j among the step's created nodes.
+        child_tree = tree.repeat_interleave(b)
+        child_pos = pos.repeat_interleave(b) * b + torch.arange(b).repeat(len(pos))
+        child = schedule.step_children[k][child_pos]
+        sel = None if nodes is None else nodes[child_tree, child].nonzero().flatten()
         if b > 1:
             x, v, sigma = x.repeat_interleave(b, 0), v.repeat_interleave(b, 0), sigma.repeat_interleave(b)
+        if sel is not None and len(sel) < len(child):
+            idx = sel.to(x.device)
+            x, v, sigma, child_tree, child_pos, child = x[idx], v[idx], sigma[idx], child_tree[sel], child_pos[sel], child[sel]
         sigma_next = sigmas[k + 1].expand(x.shape[0]).to(x.device, torch.float32)
         scale = split_noise_scale if b > 1 else 1.0
         step_kind = kind if sde[k] else "ode"
         noise = None
         if step_kind != "ode":
-            noise = torch.cat([step_noise(s, k, a_k * b, shape) for s in tree_seeds]).to(x.device)
+            rows = child_tree * (a_k * b) + child_pos
+            noise = torch.cat([step_noise(s, k, a_k * b, shape) for s in tree_seeds])[rows].to(x.device)
         out = sde_step(x, v, sigma, sigma_next, kind=step_kind, noise_level=noise_level, noise=noise,
                        noise_scale=scale)
         rows = slice(row, row + x.shape[0])
         big["x"][rows], big["x_next"][rows], big["mean"][rows] = x, out.x_next, out.mean
-        records.append(_edge_record(schedule, k, n_trees, out, sigma, sigma_next, scale))
-        x, row = big["x_next"][rows], rows.stop
+        records.append(_edge_record(schedule, k, out, sigma, sigma_next, scale, child_tree, child))
+        x, row, tree, pos = big["x_next"][rows], rows.stop, child_tree, child_pos
     small = {f: torch.cat([r[f] for r in records]) for f in records[0]}
     transitions = Transitions(**big, **small)
-    leaves = x.reshape(n_trees, schedule.num_leaves, *shape)
-    return TreeRollout(leaves=leaves, leaf_ids=schedule.leaves.clone(), transitions=transitions, nfe=nfe)
+    if nodes is None:
+        return TreeRollout(leaves=x.reshape(n_trees, schedule.num_leaves, *shape), leaf_ids=schedule.leaves.clone(),
+                           transitions=transitions, nfe=nfe)
+    leaves = x.new_zeros((n_trees, schedule.num_leaves, *shape))
+    leaves[tree.to(x.device), pos.to(x.device)] = x
+    return TreeRollout(leaves=leaves, leaf_ids=schedule.leaves.clone(), transitions=transitions, nfe=nfe,
+                       kept=nodes[:, schedule.leaves])
 
 
-def _edge_record(schedule: TreeSchedule, k: int, n_trees: int, out, sigma: Tensor, sigma_next: Tensor,
-                 scale: float) -> dict[str, Tensor]:
-    """The per-edge scalar ``Transitions`` fields of the ``n_trees * A_k * b_k`` edges created at step ``k``."""
+def keep_paths(schedule: TreeSchedule, kept_leaves: Tensor) -> Tensor:
+    """``[n_trees, L]`` bool leaves -> ``[n_trees, N]`` bool nodes on their root-to-leaf paths (what regenerating
+    those leaves computes)."""
+    return (kept_leaves.float() @ schedule.leaf_matrix.float().T) > 0
+
+
+def _edge_record(schedule: TreeSchedule, k: int, out, sigma: Tensor, sigma_next: Tensor, scale: float,
+                 tree: Tensor, child: Tensor) -> dict[str, Tensor]:
+    """The per-edge scalar ``Transitions`` fields of the edges created at step ``k`` (``tree``, ``child``: ``[n]``)."""
     n, dev = sigma.shape[0], sigma.device
-    children = schedule.step_children[k].repeat(n_trees)
     log_prob = out.log_prob if out.log_prob is not None else torch.zeros(n, device=dev)
     return dict(
         std=out.std, log_prob=log_prob, sigma=sigma, sigma_next=sigma_next,
         step=torch.full((n,), k, dtype=torch.long, device=dev), depth=torch.full((n,), k + 1, dtype=torch.long, device=dev),
-        tree=torch.arange(n_trees, device=dev).repeat_interleave(n // n_trees), parent=schedule.parent[children].to(dev),
-        child=children.to(dev), noise_scale=torch.full((n,), scale, device=dev), stochastic=out.std > 0,
+        tree=tree.to(dev), parent=schedule.parent[child].to(dev),
+        child=child.to(dev), noise_scale=torch.full((n,), scale, device=dev), stochastic=out.std > 0,
     )
 
 
@@ -143,5 +170,9 @@ def concat_rollouts(parts: Sequence[TreeRollout]) -> TreeRollout:
         offset += part.leaves.shape[0]
     merged = Transitions(**{f.name: torch.cat([getattr(t, f.name) for t in transitions])
                             for f in dataclasses.fields(Transitions)})
+    kept = None
+    if any(p.kept is not None for p in parts):
+        kept = torch.cat([p.kept if p.kept is not None else torch.ones(p.leaves.shape[:2], dtype=torch.bool)
+                          for p in parts])
     return TreeRollout(leaves=torch.cat([p.leaves for p in parts]), leaf_ids=parts[0].leaf_ids,
-                       transitions=merged, nfe=sum(p.nfe for p in parts))
+                       transitions=merged, nfe=sum(p.nfe for p in parts), kept=kept)

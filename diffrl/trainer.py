@@ -24,14 +24,16 @@ import rewards as reward_registry
 from diffrl import checkpoint
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.advantages import (
-    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages, tree_node_values,
+    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages,
 )
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import average_gradients, barrier, gather_rows, setup
+from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.inference import sample, shapes_accuracy
 from diffrl.loss import nft_loss, policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
-from diffrl.rollout import concat_rollouts, trained_edges, tree_rollout
+from diffrl.quant import mean_spearman, select_candidates
+from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
@@ -62,6 +64,8 @@ class Run:
     writer: Any = None
     rank: int = 0
     world: int = 1
+    explorer: Optional[LowPrecisionPolicy] = None
+    """The low-precision exploration copy of the policy (``explore.enabled``)."""
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Batch:
     images: Union[Tensor, dict]  # decoded media of every leaf: [trees * leaves, 3, H, W], videos, audio-video dicts
     rollout_s: float
     pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
+    preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
+    explore_s: float = 0.0  # exploration: preview rollouts and their rewards
+    previewed: int = 0  # exploration: candidate leaves previewed
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -110,13 +117,16 @@ def build(cfg: Config, out: Path) -> Run:
                           f"latent streams are {sorted(adapter.streams or {}) or 'one single stream'}")
     rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
+    e = cfg.explore
+    explorer = LowPrecisionPolicy(adapter, e.precision, e.backend, e.skip_modules, e.min_dim) if e.enabled else None
     s = cfg.sampler
     writer = _tensorboard(out) if cfg.log.tensorboard and rank == 0 else None
     return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out), eval_prompts=held_out,
-               minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world)
+               minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
+               explorer=explorer)
 
 
 def batch_size(cfg: Config, tokens_per_sample: int) -> int:
@@ -150,23 +160,18 @@ def collect(run: Run, step: int) -> Batch:
     (seed, step, global tree index), so N processes roll out exactly the trees one process would. With
     ``train.rollout_chunks > 1`` the trees roll out chunk by chunk and each chunk is scored in a background thread
     while the next one rolls out."""
+    if run.explorer is not None:
+        return collect_explored(run, step)
     cfg, t0 = run.cfg, time.perf_counter()
-    per_prompt = run.prompts.at(step, cfg.train.prompts_per_step)
-    all_prompts = [p for p in per_prompt for _ in range(cfg.train.trees_per_prompt)]
-    n = len(all_prompts) // run.world
-    first = run.rank * n
-    prompts = all_prompts[first : first + n]
-    seeds = [mix_seed(cfg.train.seed, step, first + i) for i in range(n)]
-    s, leaves = cfg.sampler, run.schedule.num_leaves
-    sde = window_mask(s.num_steps, *s.sde_window) if s.sde_window else None
+    all_prompts, first, prompts, seeds = _step_trees(run, step, cfg.train.trees_per_prompt)
+    n, s, leaves = len(prompts), cfg.sampler, run.schedule.num_leaves
     parts, images, pending = [], [], []
     for idx in torch.arange(n).tensor_split(min(cfg.train.rollout_chunks, n)):
         chunk = [prompts[i] for i in idx.tolist()]
         with torch.no_grad():
             ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, [seeds[i] for i in idx.tolist()],
-                              run.adapter.latent_shape, kind=s.kind, noise_level=s.noise_level,
-                              split_noise_scale=s.split_noise_scale, sde_steps=sde, cond=run.adapter.encode(chunk),
-                              max_batch=run.minibatch, device=run.adapter.device)
+                              run.adapter.latent_shape, cond=run.adapter.encode(chunk), max_batch=run.minibatch,
+                              device=run.adapter.device, **_rollout_options(run))
             parts.append(ro)
             images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
         if cfg.train.rollout_chunks > 1:
@@ -175,6 +180,58 @@ def collect(run: Run, step: int) -> Batch:
     return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first,
                  rollout=parts[0] if len(parts) == 1 else concat_rollouts(parts), images=cat_media(images),
                  rollout_s=time.perf_counter() - t0, pending_scores=pending)
+
+
+def _step_trees(run: Run, step: int, per_prompt: int) -> tuple[list[str], int, list[str], list[int]]:
+    """The step's trees: every process's prompts (``per_prompt`` trees each, contiguous), this process's first
+    tree, its prompts and its tree seeds (from (seed, step, global tree index))."""
+    prompts = run.prompts.at(step, run.cfg.train.prompts_per_step)
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    n = len(all_prompts) // run.world
+    first = run.rank * n
+    return all_prompts, first, all_prompts[first : first + n], [mix_seed(run.cfg.train.seed, step, first + i)
+                                                                   for i in range(n)]
+
+
+def _rollout_options(run: Run) -> dict:
+    """The training rollouts' SDE options for ``tree_rollout``."""
+    s = run.cfg.sampler
+    return dict(kind=s.kind, noise_level=s.noise_level, split_noise_scale=s.split_noise_scale,
+                sde_steps=window_mask(s.num_steps, *s.sde_window) if s.sde_window else None)
+
+
+def collect_explored(run: Run, step: int) -> Batch:
+    """Sol-RL exploration: ``explore.candidates`` trees per prompt previewed by the low-precision policy, K =
+    ``explore.keep`` leaves per prompt selected (``explore.select``) and regenerated by the full-precision policy with
+    the same seeds and noises (only the root-to-leaf paths of the kept leaves), or, with ``explore.naive``, the
+    preview's own kept paths. Processes hold whole prompts, so selection needs no communication."""
+    cfg, e, s = run.cfg, run.cfg.explore, run.cfg.sampler
+    all_prompts, first, prompts, seeds = _step_trees(run, step, e.candidates)
+    ode = e.preview == "ode"
+    pre = preview(run.explorer, run.rewards, cfg.rewards, prompts, seeds, e.candidates, schedule=run.schedule,
+                  sigmas=run.sigmas, rollout_options=_rollout_options(run), guidance=s.guidance_scale,
+                  ode_steps=(e.preview_steps or s.num_steps) if ode else None, max_batch=run.minibatch,
+                  timeout=cfg.train.reward_timeout_s)
+    g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, step, 13, first))
+    picks = select_candidates(pre.rewards, e.keep, e.select, g)
+    kept = kept_leaves(picks, e.candidates, run.schedule.num_leaves)
+    nodes = keep_paths(run.schedule, kept)
+    t0 = time.perf_counter()
+    if e.naive:
+        ro = restrict(pre.rollout, nodes, run.schedule)
+    else:
+        with torch.no_grad():
+            ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, seeds,
+                              run.adapter.latent_shape, cond=run.adapter.encode(prompts), max_batch=run.minibatch,
+                              device=run.adapter.device, keep=None if bool(kept.all()) else nodes,
+                              **_rollout_options(run))
+    if ro.kept is None:
+        ro.kept = kept
+    with torch.no_grad():
+        images = run.adapter.decode(ro.leaves[kept.to(ro.leaves.device)])
+    return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first, rollout=ro, images=images,
+                 rollout_s=time.perf_counter() - t0, preview=pre.rewards.gather(1, picks), explore_s=pre.seconds,
+                 previewed=pre.leaves)
 
 
 def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -187,6 +244,11 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         done = [f.result() for f in batch.pending_scores]
         scores = {k: torch.cat([d[0][k] for d in done]) for k in run.rewards}
         valid = check_valid(torch.cat([d[1] for d in done]), run.rewards)
+    elif batch.rollout.kept is not None:  # only the regenerated leaves have media
+        idx = batch.rollout.kept.flatten().nonzero().flatten()
+        sub, ok = score_batch(run.rewards, batch.images, [leaf_prompts[i] for i in idx], run.cfg.train.reward_timeout_s)
+        scores = {k: torch.zeros(len(leaf_prompts)).index_copy_(0, idx, v) for k, v in sub.items()}
+        valid = torch.zeros(len(leaf_prompts), dtype=torch.bool).index_copy_(0, idx, ok)
     else:
         scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
     scores, valid = {k: gather_rows(v) for k, v in scores.items()}, gather_rows(valid)
@@ -228,26 +290,33 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
         adv = {name: clip_advantages(_node_means(a.reshape(leaf_r.shape), sched)[rows, tr.child], cfg.train.adv_clip)
                for name, a in per_mod.items()}
         return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
-    if cfg.train.objective == "nft":
-        fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
-        trees = batch.first_tree + torch.arange(len(batch.prompts))
-        leaf_adv = fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape)
-        return leaf_adv[trees], valid[trees]
     if cfg.train.advantage == "tree":
-        node_adv = depthwise_advantages(tree_node_values(leaf_r, sched), sched, tree_groups=groups)
+        node_adv = depthwise_advantages(_node_means(leaf_r, sched, valid), sched, tree_groups=groups,
+                                        valid=reaches_valid)
     else:
-        fn = group_advantages if cfg.train.advantage == "grpo" else rloo_advantages
-        node_adv = _node_means(fn(leaf_r.flatten(), leaf_groups.flatten()).reshape(leaf_r.shape), sched)
+        if cfg.train.advantage == "grpo":
+            leaf_adv = group_advantages(leaf_r.flatten(), leaf_groups.flatten(), valid=valid.flatten())
+        else:
+            leaf_adv = rloo_advantages(leaf_r.flatten(), leaf_groups.flatten())
+        if cfg.train.objective == "nft":
+            trees = batch.first_tree + torch.arange(len(batch.prompts))
+            return leaf_adv.reshape(leaf_r.shape)[trees], valid[trees]
+        node_adv = _node_means(leaf_adv.reshape(leaf_r.shape), sched, valid)
     if cfg.log.save_advantages and run.rank == 0:
         save_file({"node_advantages": node_adv.contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
     adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
     return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
 
 
-def _node_means(leaf_values: Tensor, sched: TreeSchedule) -> Tensor:
-    """``[trees, leaves]`` -> ``[trees, nodes]``: each node's mean over the leaves below it."""
+def _node_means(leaf_values: Tensor, sched: TreeSchedule, valid: Optional[Tensor] = None) -> Tensor:
+    """``[trees, leaves]`` -> ``[trees, nodes]``: each node's mean over the (valid) leaves below it; 0 for a node
+    with no valid leaf below."""
     m = sched.leaf_matrix.float()
-    return (leaf_values @ m.T) / m.sum(1)
+    if valid is None:
+        return (leaf_values @ m.T) / m.sum(1)
+    w = valid.float()
+    den = w @ m.T
+    return torch.where(den > 0, ((leaf_values * w) @ m.T) / den.clamp_min(1), torch.zeros_like(den))
 
 
 def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
@@ -598,14 +667,32 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
     stats = optimize(run, batch, adv, mask, step)
     ema_update(run, state)
+    explored = _explore_metrics(run, batch, leaf_r) if run.explorer is not None else {}
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": run.optimizer.param_groups[0]["lr"],
             "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
             "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
-            "trained_edges": int(mask.sum()), "invalid": int((~valid).sum()),
-            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}}
+            "trained_edges": int(mask.sum()), "invalid": _expected_leaves(run, valid) - int(valid.sum()),
+            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **explored}
+
+
+def _expected_leaves(run: Run, valid: Tensor) -> int:
+    """Leaves that were rolled out and scored this step, over all processes (exploration regenerates only K per
+    prompt)."""
+    e = run.cfg.explore
+    return e.keep * run.cfg.train.prompts_per_step if run.explorer is not None else valid.numel()
+
+
+def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
+    """Exploration's timings, throughput and preview/regenerated rank agreement (this process's prompts); refreshes
+    the low-precision copy to the updated policy and times that too."""
+    local = leaf_r[batch.first_tree : batch.first_tree + len(batch.prompts)]
+    rho = mean_spearman(batch.preview, local[batch.rollout.kept].reshape(batch.preview.shape))
+    return {"explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
+            "candidates_per_s": round(batch.previewed / batch.explore_s, 2),
+            "spearman": None if math.isnan(rho) else round(rho, 4), "refresh_s": round(run.explorer.refresh(), 4)}
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:

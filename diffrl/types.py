@@ -68,9 +68,12 @@ class TreeRollout:
     leaf_ids: ``[L]`` long, local node ids of the leaves (same for every tree).
     transitions: every edge of every tree.
     nfe: velocity-function evaluations actually made, counted per latent.
+    kept: ``[T, L]`` bool, the leaves computed when the rollout regenerated selected paths only (the others are
+    zeros); None: every leaf.
     """
 
     leaves: Tensor
     leaf_ids: Tensor
     transitions: Transitions
     nfe: int
+    kept: Optional[Tensor] = None

@@ -5,6 +5,7 @@ and add what is theirs: prompt encoding, the velocity call, the sigma schedule, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from pathlib import Path
@@ -200,6 +201,49 @@ class DiffusersAdapter:
         finally:
             for module in self.denoisers.values():
                 module.enable_adapters()
+
+    @contextlib.contextmanager
+    def using_denoisers(self, denoisers: dict[str, torch.nn.Module]) -> Iterator[None]:
+        """``velocity`` runs through other copies of the denoisers inside the block (the low-precision exploration
+        policy); ``denoisers`` has the same names as ``self.denoisers``."""
+        saved = self.transformer, self.denoisers
+        self.transformer, self.denoisers = denoisers["transformer"], denoisers
+        try:
+            yield
+        finally:
+            self.transformer, self.denoisers = saved
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, dict[str, Tensor]]:
+        """Per denoiser, each LoRA-carrying linear layer's weight with the active LoRA merged in (W + s B A, in W's
+        dtype), keyed by the layer's qualified name: the policy as plain weights."""
+        from peft.tuners.lora import LoraLayer
+
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, module in self.denoisers.items():
+            out[name] = {}
+            for qual, layer in module.named_modules():
+                if isinstance(layer, LoraLayer):
+                    w = layer.get_base_layer().weight
+                    delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+                    out[name][qual] = (w.float() + delta.float()).to(w.dtype)
+        return out
+
+    @torch.no_grad()
+    def merged_copies(self) -> dict[str, torch.nn.Module]:
+        """Frozen deep copies of the denoisers with the current LoRA merged into plain linear layers (no peft layers
+        left): the policy to quantize for low-precision exploration."""
+        weights, copies = self.merged_weights(), {}
+        for name, module in self.denoisers.items():
+            clone = copy.deepcopy(module)
+            for qual, w in weights[name].items():
+                parent, _, child = qual.rpartition(".")
+                owner = clone.get_submodule(parent) if parent else clone
+                base = getattr(owner, child).get_base_layer()
+                base.weight.data = w.clone()
+                setattr(owner, child, base)
+            copies[name] = clone.requires_grad_(False).eval()
+        return copies
 
     def lora_state_dict(self) -> dict[str, Tensor]:
         """The LoRA weights of every denoiser; keys of denoisers other than ``transformer`` carry their name."""

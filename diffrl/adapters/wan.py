@@ -80,7 +80,7 @@ class WanAdapter(DiffusersAdapter):
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         scale_2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
         for rows, model, scale in ((high, self.transformer, guidance_scale),
-                                   (~high, self.pipe.transformer_2, scale_2)):
+                                   (~high, self.denoisers["transformer_2"], scale_2)):
             if rows.any():
                 part = {k: v[rows] for k, v in cond.items()}
                 out[rows] = self._expert_velocity(model, scale, x[rows], sigma[rows], part)
