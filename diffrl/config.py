@@ -128,8 +128,10 @@ class ExploreConfig:
     """Steps of the ODE preview; None: ``sampler.num_steps``."""
     select: str = "best_worst"
     """best_worst, mean_deviation, max_variance (D^3S) or random (the control)."""
-    skip_modules: list[str] = field(default_factory=list)
-    """Linear layers (name substrings) kept in the model's precision."""
+    skip_modules: list[str] = field(default_factory=lambda: ["embed", "norm", "proj_out"])
+    """Linear layers (name substrings) kept in the model's precision: by default the embeddings, the adaptive-norm
+    modulations and the output projection (little compute, most of the error); the blocks' attention and MLP layers,
+    where the FLOPs are, go low-precision."""
     min_dim: int = 0
     """Linear layers with max(d_in, d_out) <= this stay in the model's precision."""
     naive: bool = False
