@@ -121,9 +121,10 @@ class ExploreConfig:
     """Exploration copy's grid: fp8 (e4m3), nvfp4 or mxfp4."""
     backend: str = "auto"
     """auto (torchao GEMMs where the GPU has them, else emulated), emulated, or native (an error where impossible)."""
-    preview: str = "ode"
-    """ode: deterministic Euler drafts from each candidate's initial noise (flat schedules; Sol-RL); rollout: the
-    training schedule with the same SDE noises (needed for trees and for ``naive``)."""
+    preview: str = "rollout"
+    """rollout: the training schedule with the same SDE noises the regeneration uses (trees too; needed for
+    ``naive``); ode: Sol-RL's deterministic Euler drafts from each candidate's initial noise (flat schedules only;
+    they predict the regenerated reward only where the SDE noise decides little, e.g. a late ``sde_window``)."""
     preview_steps: Optional[int] = None
     """Steps of the ODE preview; None: ``sampler.num_steps``."""
     select: str = "best_worst"

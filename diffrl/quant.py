@@ -17,7 +17,7 @@ from torch import Tensor, nn
 FP8_MAX = 448.0
 """Largest finite float8 e4m3fn value."""
 FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-"""The non-negative float4 e2m1 values."""
+"""The non-negative float4 e2m1 values (tests check ``fp4_round`` against them)."""
 FP4_MAX = 6.0
 FORMATS = ("fp8", "nvfp4", "mxfp4")
 STRATEGIES = ("best_worst", "mean_deviation", "max_variance", "random")
@@ -41,15 +41,14 @@ def fp8_round_trip(x: Tensor, per_row: bool = True) -> Tensor:
 
 
 def fp4_round(x: Tensor) -> Tensor:
-    """Round to the nearest float4 e2m1 value (ties to the even code), saturating at +-6. fp32 in, fp32 out."""
-    grid = torch.tensor(FP4_GRID, device=x.device)
+    """Round to the nearest float4 e2m1 value (ties to the even code), saturating at +-6. fp32 in, fp32 out.
+
+    e2m1 keeps one mantissa bit: in the binade [2^e, 2^(e+1)) (e >= 0) the spacing is 2^(e-1), below 1 (subnormals)
+    it is 0.5, so rounding is ``round_half_even(|x| / spacing) * spacing``.
+    """
     mag = x.abs().clamp(max=FP4_MAX)
-    # Midpoints between neighbours; a tie rounds to the neighbour whose code is even (0, 1, 2, 4 are even codes).
-    mids = (grid[1:] + grid[:-1]) / 2
-    idx = torch.bucketize(mag, mids)  # values equal to a midpoint land on the lower neighbour's index ...
-    tie = (idx < len(mids)) & (mag == mids[idx.clamp(max=len(mids) - 1)])
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... and move up when that neighbour's code is odd
-    return torch.copysign(grid[idx], x)
+    spacing = torch.where(mag >= 1, torch.exp2(torch.floor(torch.log2(mag.clamp_min(1))) - 1), torch.full_like(mag, 0.5))
+    return torch.copysign(torch.round(mag / spacing) * spacing, x)
 
 
 def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
@@ -155,7 +154,7 @@ def choose_path(fmt: str, backend: str, device: str, capability: Optional[tuple[
         why = (f"{fmt} GEMMs need compute capability {need[0]}.{need[1]}+, this GPU has "
                f"{capability[0]}.{capability[1]}: {fmt} is emulated")
     elif not torchao_available:
-        why = f"torchao is not installed (pip install 'diffrl[fp8]'): {fmt} is emulated"
+        why = f"torchao is not installed (pip install 'diffrl[quant]'): {fmt} is emulated"
     else:
         return "native", f"torchao {fmt} on compute capability {capability[0]}.{capability[1]}"
     if backend == "native":

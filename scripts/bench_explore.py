@@ -11,7 +11,8 @@ exactness, not speed):
      the policy's reward on fixed held-out prompts (deterministic sampler, untimed) against cumulative wall-clock.
 Ends with one JSON line (``spearman``, ``regen_exact``, ``explore_s``, ``regen_s``, ``path``, ...).
 
-    python scripts/bench_explore.py [--steps 12] [--keep 4] [--precision fp8] [key=value overrides ...]
+    python scripts/bench_explore.py [--steps 12] [--keep 4] [--precision fp8] [--preview rollout|ode]
+                                    [key=value overrides ...]
 
 GPU (``--gpu``): an SD3.5-Medium-sized SD3 transformer (random weights; nothing can be downloaded) at 512 and
 1024 px: rollout throughput of BF16 against FP8 (and FP4 where the GPU has FP4 GEMMs; emulated FP4 otherwise), and
@@ -120,7 +121,9 @@ def cpu(args: argparse.Namespace) -> None:
             "log.sample_every=0", f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts}",
             *args.overrides]
     explore = base + ["explore.enabled=true", f"explore.candidates={n}", f"explore.keep={k}",
-                      f"explore.precision={args.precision}", f"explore.preview_steps={args.preview_steps}"]
+                      f"explore.precision={args.precision}", f"explore.preview={args.preview}"]
+    if args.preview == "ode":
+        explore.append(f"explore.preview_steps={args.preview_steps}")
     plain = base + [f"train.trees_per_prompt={k}"]
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,7 +215,8 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=4, help="K: chains per prompt trained on (explore previews 4K)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4", "mxfp4"])
-    ap.add_argument("--preview-steps", type=int, default=6)
+    ap.add_argument("--preview", default="rollout", choices=["rollout", "ode"])
+    ap.add_argument("--preview-steps", type=int, default=6, help="steps of an ode preview")
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--gpu-batch", type=int, default=8)

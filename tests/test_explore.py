@@ -101,7 +101,8 @@ def test_low_precision_previews_drift_more_the_coarser_the_grid(tmp_path):
 
 def test_regeneration_reproduces_the_full_precision_trajectories_of_the_kept_seeds_bitwise(tmp_path):
     run = trainer.build(cfg_of(*FLAT, "explore.enabled=true", "explore.candidates=4", "explore.keep=2",
-                               "explore.precision=nvfp4", "explore.preview_steps=2"), tmp_path)
+                               "explore.precision=nvfp4", "explore.preview=ode",
+                               "explore.preview_steps=2"), tmp_path)
     batch = trainer.collect(run, 0)
     kept = batch.rollout.kept  # [prompts * 4, 1]
     assert kept.shape == (8, 1) and kept.reshape(2, 4).sum(1).tolist() == [2, 2]
@@ -152,11 +153,11 @@ def test_tree_exploration_regenerates_kept_paths_and_naive_training_is_off_polic
 def test_explore_config_errors_name_the_keys():
     with pytest.raises(ConfigError) as e:
         cfg_of("explore.enabled=true", "explore.keep=9", "explore.candidates=2", "explore.select=top",
-               "train.trees_per_prompt=2", "explore.naive=true")
+               "train.trees_per_prompt=2", "explore.naive=true", "explore.preview=ode")
     msg = str(e.value)
     for part in ("'explore.keep' (9) must be at most", "'explore.select' must be one of",
                  "needs 'explore.preview' rollout", "leave 'train.trees_per_prompt' at 1",
                  "'explore.naive' trains on the preview itself"):
         assert part in msg
     with pytest.raises(ConfigError, match="'explore.preview_steps' must be >= 1"):
-        cfg_of(*FLAT, "explore.enabled=true", "explore.preview_steps=0")
+        cfg_of(*FLAT, "explore.enabled=true", "explore.preview=ode", "explore.preview_steps=0")

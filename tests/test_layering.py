@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 L1 = ["diffrl.types", "diffrl.sde", "diffrl.schedule", "diffrl.tree", "diffrl.advantages", "diffrl.loss",
-      "diffrl.guidance", "diffrl.rollout", "diffrl"]
-HEAVY = ["diffusers", "transformers", "peft", "accelerate", "open_clip"]
+      "diffrl.guidance", "diffrl.quant", "diffrl.rollout", "diffrl"]
+HEAVY = ["diffusers", "transformers", "peft", "accelerate", "open_clip", "torchao"]
 
 
 def test_pure_math_imports_no_model_library():

@@ -43,6 +43,12 @@ def test_fp4_rounds_to_nearest_with_ties_to_even_and_saturates():
     assert torch.equal(fp4_round(x), want)
     grid = torch.tensor(FP4_GRID)
     assert torch.equal(fp4_round(grid), grid) and torch.equal(fp4_round(-grid), -grid)
+    # Brute force on a fine sweep: the nearest grid value, a tie going to the even code (index in FP4_GRID).
+    sweep = torch.linspace(-8, 8, 6401)
+    dist = (sweep.abs()[:, None].clamp(max=6) - grid[None, :]).abs()
+    best = dist.min(1, keepdim=True).values
+    ties = (dist == best).float() * (1 + (torch.arange(8) % 2 == 0).float())  # prefer even codes on ties
+    assert torch.equal(fp4_round(sweep), torch.copysign(grid[ties.argmax(1)], sweep))
 
 
 @pytest.mark.parametrize("fn, block", [(nvfp4_round_trip, 16), (mxfp4_round_trip, 32)])
