@@ -58,6 +58,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guide(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import rewards
+    from diffrl.adapters import shape_options
+    from diffrl.guide import load_reference, sweep
+    from diffrl.inference import load_for_inference
+    from diffrl.prompts import eval_prompts
+
+    if not args.lora and not args.reference_model:
+        print("diffrl: RL guidance needs a fine-tuned model and a reference: give --lora (the reference is the model "
+              "without it) or --reference-model", file=sys.stderr)
+        return 2
+    if args.lora and not Path(args.lora).exists():
+        print(f"diffrl: --lora {args.lora!r} does not exist (a diffrl run writes it to RUN_DIR/lora)", file=sys.stderr)
+        return 2
+    prompts = args.prompt or eval_prompts(args.prompts, args.n)
+    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
+                                 num_frames=args.num_frames)
+    reference = load_reference(args.reference_model, args.family, args.device, "float32",
+                               **shape_options(args.resolution, args.num_frames))
+    scorers = {name: rewards.load(name) for name in args.reward}
+    result = sweep(adapter, prompts, args.w, scorers, Path(args.out), seed=args.seed, steps=args.steps,
+                   guidance=args.guidance, schedule=args.schedule, rl_only_steps=args.rl_only_steps, kind=args.kind,
+                   ref_guidance=args.ref_guidance, reference=reference, progress=print)
+    print(f"wrote {args.out}/sweep.png (rows: {len(result['prompts'])} prompts, columns: w = "
+          f"{', '.join(f'{w:g}' for w in args.w)}), sweep_rewards.png and sweep.json")
+    return 0
+
+
 def _serve_reward(args: argparse.Namespace) -> int:
     import yaml
 
@@ -130,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
     ev.add_argument("--n", type=int, default=64, help="number of held-out prompts")
     ev.set_defaults(func=_eval)
+    gd = sub.add_parser("guide", help="RL guidance: sample at strengths w of a LoRA (or a second model) against the "
+                                      "reference, with a grid and reward-vs-w plot")
+    _inference_args(gd)
+    gd.add_argument("--reference-model", help="a second full model as the reference (default: --model without --lora)")
+    gd.add_argument("--w", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                    help="RL-guidance scales: 0 reference, 1 fine-tuned, >1 extrapolates (default 0 0.5 1 1.5 2)")
+    gd.add_argument("--schedule", default="constant", choices=["constant", "ramp"],
+                    help="w over the steps: constant, or a ramp from 1 at the first step to w at the last")
+    gd.add_argument("--rl-only-steps", type=int, default=0, help="the first N steps use the fine-tuned model alone")
+    gd.add_argument("--ref-guidance", type=float, help="the reference's CFG scale (default: --guidance)")
+    gd.add_argument("--kind", default="ode", choices=["ode", "flow", "dance", "cps"], help="sampler (default ode)")
+    gd.add_argument("--prompt", action="append", help="a prompt (repeatable); default: --prompts")
+    gd.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
+    gd.add_argument("--n", type=int, default=8, help="prompts taken from --prompts")
+    gd.add_argument("--reward", action="append", default=[], help="a reward to score every w with (repeatable)")
+    gd.add_argument("--out", default="runs/guide", help="output folder (default runs/guide)")
+    gd.set_defaults(func=_guide)
     sr = sub.add_parser("serve-reward", help="serve a reward function over HTTP (JSON + PNG, never pickle)")
     sr.add_argument("reward", help="a reward name or pkg.module:function")
     sr.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -632,7 +632,10 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
 def begin(run: Run, resume: bool) -> TrainState:
     """A fresh state (with the base model's held-out accuracy and first sample grid) or the restored one."""
     if resume:
-        return restore(run)
+        state = restore(run)
+        if run.explorer is not None:
+            run.explorer.refresh()  # the exploration copy was built before the checkpoint's LoRA was loaded
+        return state
     state = TrainState()
     if run.rank == 0:
         (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))

@@ -74,7 +74,8 @@ def image_grid(images, path: Path, ncol: int, scale: int = 4, captions: Sequence
     canvas.save(path)
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> None:
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
+              x_label: str = "step") -> None:
     """Several ``name -> (xs, ys)`` lines on one axis (each scaled to the shared y range)."""
     w, h, m = 560, 300, 40
     img = Image.new("RGB", (w, h), "white")
@@ -96,7 +97,8 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     d.text((m, 10), title, fill="black")
     d.text((4, m - 6), f"{y1:.2f}", fill="black")
     d.text((4, h - m - 6), f"{y0:.2f}", fill="black")
-    d.text((w - m - 40, h - m + 2), f"step {x1:g}", fill="black")
+    d.text((4, h - m + 2), f"{x_label} {x0:g}", fill="black")
+    d.text((w - m - 40, h - m + 2), f"{x_label} {x1:g}", fill="black")
     img.save(path)
 
 

@@ -161,3 +161,15 @@ def test_explore_config_errors_name_the_keys():
         assert part in msg
     with pytest.raises(ConfigError, match="'explore.preview_steps' must be >= 1"):
         cfg_of(*FLAT, "explore.enabled=true", "explore.preview=ode", "explore.preview_steps=0")
+
+
+def test_a_resumed_exploring_run_ends_like_an_uninterrupted_one(tmp_path):
+    common = [*FLAT, "explore.enabled=true", "explore.candidates=3", "explore.keep=2", "log.checkpoint_every=1"]
+    trainer.train(cfg_of(*common, "train.steps=2"), out=str(tmp_path / "whole"))
+    trainer.train(cfg_of(*common, "train.steps=1"), out=str(tmp_path / "split"))
+    trainer.train(cfg_of(*common, "train.steps=2"), out=str(tmp_path / "split"), resume=True)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "split" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the copy previewed step 2 with the checkpoint's policy
