@@ -118,7 +118,7 @@ class ExploreConfig:
     keep: int = 2
     """Leaves per prompt regenerated in full precision and trained on (K of candidates x leaves per tree)."""
     precision: str = "fp8"
-    """Exploration copy's grid: fp8 (e4m3), nvfp4 or mxfp4."""
+    """Exploration copy's grid: fp8 (e4m3, per-row scales), fp8_tensor (one scale per tensor), nvfp4 or mxfp4."""
     backend: str = "auto"
     """auto (torchao GEMMs where the GPU has them, else emulated), emulated, or native (an error where impossible)."""
     preview: str = "rollout"
@@ -176,7 +176,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
     "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"), "train.objective": ("ppo", "nft"),
-    "train.reward_aggregation": ("sum", "gdpo"), "explore.precision": ("fp8", "nvfp4", "mxfp4"),
+    "train.reward_aggregation": ("sum", "gdpo"), "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
     "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
     "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
 }

@@ -77,14 +77,14 @@ class LowPrecisionPolicy:
 
 
 def _torchao_quantize(model: torch.nn.Module, fmt: str, skip: Sequence[str], min_dim: int) -> list[str]:
-    """torchao's dynamic-activation low-precision linear layers (FP8 per-row on compute capability 8.9+, NVFP4 /
+    """torchao's dynamic-activation low-precision linear layers (FP8 per-row or per-tensor on compute capability 8.9+, NVFP4 /
     MXFP4 on 10.0+) on the quantizable layers of ``model``; returns their names."""
     from torchao.quantization import quantize_
 
-    if fmt == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    if fmt in ("fp8", "fp8_tensor"):
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
 
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if fmt == "fp8" else PerTensor())
     elif fmt == "nvfp4":
         from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
 

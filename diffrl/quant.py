@@ -19,7 +19,7 @@ FP8_MAX = 448.0
 FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """The non-negative float4 e2m1 values (tests check ``fp4_round`` against them)."""
 FP4_MAX = 6.0
-FORMATS = ("fp8", "nvfp4", "mxfp4")
+FORMATS = ("fp8", "fp8_tensor", "nvfp4", "mxfp4")
 STRATEGIES = ("best_worst", "mean_deviation", "max_variance", "random")
 
 
@@ -85,9 +85,10 @@ def mxfp4_round_trip(x: Tensor, block: int = 32) -> Tensor:
 
 
 def round_trip(x: Tensor, fmt: str) -> Tensor:
-    """``x`` through ``fmt`` (fp8, nvfp4 or mxfp4) and back; weights and activations alike (scales on the last dim)."""
-    if fmt == "fp8":
-        return fp8_round_trip(x)
+    """``x`` through ``fmt`` and back, weights and activations alike: fp8 (per-row scales on the last dim),
+    fp8_tensor (one scale per tensor), nvfp4 or mxfp4 (blocks along the last dim)."""
+    if fmt in ("fp8", "fp8_tensor"):
+        return fp8_round_trip(x, per_row=fmt == "fp8")
     if fmt == "nvfp4":
         return nvfp4_round_trip(x)
     if fmt == "mxfp4":
@@ -145,7 +146,7 @@ def choose_path(fmt: str, backend: str, device: str, capability: Optional[tuple[
     or ``("emulated", reason)``. backend: ``auto`` (native where the hardware and torchao allow it), ``emulated`` or
     ``native`` (an error where it cannot run). capability: the CUDA compute capability, None without a GPU.
     FP8 GEMMs need compute capability 8.9+ (Ada, Hopper); FP4 ones 10.0+ (Blackwell)."""
-    need = (8, 9) if fmt == "fp8" else (10, 0)
+    need = (8, 9) if fmt.startswith("fp8") else (10, 0)
     if backend == "emulated":
         return "emulated", "requested (explore.backend: emulated)"
     if not device.startswith("cuda") or capability is None:

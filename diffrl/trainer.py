@@ -85,7 +85,7 @@ class Batch:
     all_prompts: list[str]  # one per tree of every process, in rank order
     first_tree: int  # global index of this process's first tree
     rollout: TreeRollout
-    images: Union[Tensor, dict]  # decoded media of every leaf: [trees * leaves, 3, H, W], videos, audio-video dicts
+    images: Union[Tensor, dict]  # decoded media of every leaf (of the kept ones, rollout.kept): [n, 3, H, W], videos, AV dicts
     rollout_s: float
     pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
     preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
@@ -670,7 +670,9 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
     stats = optimize(run, batch, adv, mask, step)
     ema_update(run, state)
-    explored = _explore_metrics(run, batch, leaf_r) if run.explorer is not None else {}
+    explored = {}
+    if run.explorer is not None:  # the copy follows the update; its metrics include what that cost
+        explored = {**_explore_metrics(run, batch, leaf_r), "refresh_s": round(run.explorer.refresh(), 4)}
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": run.optimizer.param_groups[0]["lr"],
@@ -689,13 +691,12 @@ def _expected_leaves(run: Run, valid: Tensor) -> int:
 
 
 def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
-    """Exploration's timings, throughput and preview/regenerated rank agreement (this process's prompts); refreshes
-    the low-precision copy to the updated policy and times that too."""
+    """Exploration's timings, throughput and preview/regenerated rank agreement (this process's prompts)."""
     local = leaf_r[batch.first_tree : batch.first_tree + len(batch.prompts)]
     rho = mean_spearman(batch.preview, local[batch.rollout.kept].reshape(batch.preview.shape))
     return {"explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
             "candidates_per_s": round(batch.previewed / batch.explore_s, 2),
-            "spearman": None if math.isnan(rho) else round(rho, 4), "refresh_s": round(run.explorer.refresh(), 4)}
+            "spearman": None if math.isnan(rho) else round(rho, 4)}
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:

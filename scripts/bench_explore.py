@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--keep", type=int, default=4, help="K: chains per prompt trained on (explore previews 4K)")
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--precision", default="fp8", choices=["fp8", "nvfp4", "mxfp4"])
+    ap.add_argument("--precision", default="fp8", choices=["fp8", "fp8_tensor", "nvfp4", "mxfp4"])
     ap.add_argument("--preview", default="rollout", choices=["rollout", "ode"])
     ap.add_argument("--preview-steps", type=int, default=6, help="steps of an ode preview")
     ap.add_argument("--eval-every", type=int, default=4)

@@ -35,6 +35,7 @@ def test_fp8_round_trip_error_is_within_half_an_ulp_of_e4m3():
     assert ((q - x).abs() <= 2 ** -10 * scale * 1.0001)[~normal].all()  # subnormal spacing 2^-9
     per_tensor = fp8_round_trip(x, per_row=False)
     assert (per_tensor - x).abs().max() <= 2 ** -4 * x.abs().max()
+    assert torch.equal(round_trip(x, "fp8_tensor"), per_tensor) and torch.equal(round_trip(x, "fp8"), q)
 
 
 def test_fp4_rounds_to_nearest_with_ties_to_even_and_saturates():
