@@ -22,6 +22,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, out=args.out, resume=args.resume)
+    if not summary:  # not the first of several processes: the first one reports
+        return 0
     print(f"held-out strict accuracy: base {summary['base_accuracy']:.3f} -> final {summary['final_accuracy']:.3f} "
           f"({summary['steps']} steps, {summary['wall_s']:.0f} s); run directory: {args.out or cfg.log.out}")
     return 0

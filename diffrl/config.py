@@ -34,11 +34,17 @@ class ModelConfig:
     """Video families: frames per clip (Wan: 4k + 1); None: the family's default."""
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
+    fsdp: bool = False
+    """Full fine-tuning (``lora_rank: 0``) under several processes (``accelerate launch``, ``torchrun``): shard the
+    denoisers and their reference copy with FSDP2, so each process holds 1/N of the weights, gradients and optimizer
+    state."""
     offload: bool = False
     """Keep the text encoders and the VAE on the CPU, on the device only while they encode or decode."""
     gradient_checkpointing: bool = False
     """Recompute denoiser activations in the backward pass (large models; same gradients, less memory)."""
     lora_rank: int = 8
+    """LoRA rank; 0: full fine-tuning of the denoisers (the reference is a frozen copy: twice their memory; the run
+    exports ``transformer/`` with ``save_pretrained`` instead of ``lora/``)."""
     lora_alpha: float = 8.0
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
@@ -282,6 +288,11 @@ def validate(cfg: Config, where: str) -> list[str]:
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    if cfg.model.fsdp and (cfg.model.lora_rank != 0 or cfg.explore.enabled or t.objective != "ppo" or t.ema_decay > 0):
+        errors.append(f"{where}: 'model.fsdp' shards full fine-tuning: it needs 'model.lora_rank' 0, 'train.objective' "
+                      "ppo, no 'train.ema_decay' and no 'explore'")
+    if cfg.model.lora_rank < 0:
+        errors.append(f"{where}: 'model.lora_rank' must be >= 0 (0: full fine-tuning), got {cfg.model.lora_rank}")
     if t.tokens_per_batch is not None and t.tokens_per_batch <= 0:
         errors.append(f"{where}: 'train.tokens_per_batch' must be > 0 tokens, got {t.tokens_per_batch}")
     if cfg.model.num_frames is not None and cfg.model.num_frames <= 0:

@@ -52,11 +52,11 @@ class LowPrecisionPolicy:
 
     @torch.no_grad()
     def refresh(self) -> float:
-        """Bring the copy up to the current policy; returns the seconds it took. Emulated: the LoRA-carrying layers
-        are re-merged and re-quantized in place; native: the copy is rebuilt (torchao tensors are not updated in
-        place)."""
+        """Bring the copy up to the current policy; returns the seconds it took. Emulated LoRA: the LoRA-carrying
+        layers are re-merged and re-quantized in place; full fine-tuning (every weight moved) or native (torchao
+        tensors are not updated in place): the copy is rebuilt."""
         t0 = time.perf_counter()
-        if self.path == "emulated":
+        if self.path == "emulated" and not self.adapter.full_finetune:
             for name, weights in self.adapter.merged_weights().items():
                 for qual, w in weights.items():
                     layer = self.copies[name].get_submodule(qual)

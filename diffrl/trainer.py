@@ -100,6 +100,8 @@ def build(cfg: Config, out: Path) -> Run:
         raise ConfigError(f"'train.prompts_per_step' ({cfg.train.prompts_per_step}) must be divisible by the "
                           f"number of processes ({world})")
     out.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        log.info("process %d of %d processes", rank, world)
     adapter_cls = load_adapter_class(cfg.model.family)
     adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                                           attention=cfg.model.attention,
@@ -110,6 +112,12 @@ def build(cfg: Config, out: Path) -> Run:
         adapter.enable_gradient_checkpointing()
     if cfg.model.offload:
         adapter.enable_offload()
+    if cfg.model.fsdp:
+        if world > 1:
+            adapter.shard()
+            log.info("FSDP: the denoisers and their reference are sharded over %d processes", world)
+        else:
+            log.warning("model.fsdp: one process, nothing to shard over (launch with accelerate launch / torchrun)")
     routed = sorted({m for ms in cfg.train.reward_routing.values() for m in ms})
     unknown = [m for m in routed if m not in (adapter.streams or {})]
     if unknown:
@@ -371,33 +379,50 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
             part = mask & torch.isin(tr.tree, trees)
             total = int(part.sum())
             run.optimizer.zero_grad(set_to_none=True)
+            calls = []
             for k in sorted(set(tr.step[part].tolist())):
                 e, parents, inverse = _step_groups(tr, part, k)
                 for chunk in torch.arange(len(parents)).split(run.minibatch):
                     sel = torch.isin(inverse, chunk)
-                    stats = _edge_loss(run, tr, adv, e[sel], parents[chunk], inverse[sel] - chunk[0], cond_all,
-                                       n_elem, total)
-                    dev = stats.pop("ratio_dev")
-                    if epoch == 0:
-                        if u == 0:
-                            stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
-                        for name, v in stats.items():
-                            stats_sum[name] = stats_sum.get(name, 0.0) + v * int(sel.sum()) / int(mask.sum())
+                    calls.append((e[sel], parents[chunk], inverse[sel] - chunk[0]))
+            for edges, parents, parent_of in calls:
+                stats = _edge_loss(run, tr, adv, edges, parents, parent_of, cond_all, n_elem, len(edges) / total)
+                dev = stats.pop("ratio_dev")
+                if epoch == 0:
+                    if u == 0:
+                        stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
+                    for name, v in stats.items():
+                        stats_sum[name] = stats_sum.get(name, 0.0) + v * len(edges) / int(mask.sum())
+            one = torch.zeros(1, dtype=torch.long)
+            for _ in range(len(calls), _most_calls(run, len(calls))):  # FSDP: join the others' collectives
+                _edge_loss(run, tr, adv, one, one, one, cond_all, n_elem, 0.0)
             _apply_update(run)
     return stats_sum
+
+
+def _most_calls(run: Run, n: int) -> int:
+    """Sharded (FSDP), every forward and backward is a collective, so every process makes as many as the busiest
+    one: the largest ``n`` over the processes (``n`` itself unsharded)."""
+    if not run.adapter.sharded:
+        return n
+    t = torch.tensor([n])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
 
 
 def _apply_update(run: Run) -> None:
     """One optimizer step on the accumulated gradients: averaged over processes, then clipped."""
     params = run.adapter.trainable_parameters()
-    average_gradients(params)
+    if not run.adapter.sharded:  # FSDP averaged the gradients in each backward already
+        average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
     run.optimizer.step()
 
 
 def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
-               n_elem: int, total: int) -> dict[str, float]:
-    """Loss of some edges of one step (weighted by their share of all trained edges) and its backward."""
+               n_elem: int, weight: float) -> dict[str, float]:
+    """Loss of some edges of one step and its backward, weighted (by their share of all trained edges; 0 for a
+    process that only joins the others' collectives)."""
     cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
     cond = {key: v[tr.tree[parents]] for key, v in cond_all.items()}
     v = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
@@ -410,16 +435,16 @@ def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tenso
             ref_mean = sde_step(tr.x[edges], v_ref, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges],
                                 **kw).mean
     if isinstance(adv, dict):
-        return _stream_losses(run, tr, adv, edges, out.mean, ref_mean, n_elem, total)
+        return _stream_losses(run, tr, adv, edges, out.mean, ref_mean, n_elem, weight)
     loss, stats = policy_loss(out.log_prob, tr.log_prob[edges], adv[edges], clip_range=cfg.train.clip_range,
                               num_elements=n_elem, kl_weight=cfg.train.kl_weight, mean=out.mean, ref_mean=ref_mean,
                               std=tr.std[edges])
-    (loss * len(edges) / total).backward()
+    (loss * weight).backward()
     return _loss_stats([(1.0, stats)])
 
 
 def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Tensor, ref_mean: Optional[Tensor],
-                   n_elem: int, total: int) -> dict[str, float]:
+                   n_elem: int, weight: float) -> dict[str, float]:
     """Modality routing (OmniNFT): each stream's log-prob over its own elements, the clipped-ratio loss with that
     stream's advantage, weighted by its share D_m / D of the latent. The rollout-time log-prob of a stream is
     recomputed from the stored fp32 mean, so the ratio is exactly 1 before the first update. A stream with no
@@ -438,7 +463,7 @@ def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Te
                               kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std)
         loss = loss + l_m * d / n_elem
         parts.append((d / n_elem, st))
-    (loss * len(edges) / total).backward()
+    (loss * weight).backward()
     return _loss_stats(parts)
 
 
@@ -483,7 +508,7 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
     leaf, sigma, eps = nft_points(run, batch, mask, step)
     x0_all = batch.rollout.leaves.flatten(0, 1)
     cond_all = ad.encode(batch.prompts)
-    snapshot = ad.lora_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
+    snapshot = ad.trained_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
     groups = torch.arange(mask.shape[0]).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
@@ -523,7 +548,7 @@ def ema_update(run: Run, state: TrainState) -> None:
     decay = run.cfg.train.ema_decay
     if decay <= 0:
         return
-    current = run.adapter.lora_state_dict()
+    current = run.adapter.trained_state_dict()
     if state.ema is None:
         state.ema = current
     else:
@@ -539,12 +564,12 @@ class _Swap:
 
     def __enter__(self):
         if self.weights is not None:
-            self.saved = self.adapter.lora_state_dict()
-            self.adapter.load_lora_state_dict(self.weights)
+            self.saved = self.adapter.trained_state_dict()
+            self.adapter.load_trained_state_dict(self.weights)
 
     def __exit__(self, *exc):
         if self.saved is not None:
-            self.adapter.load_lora_state_dict(self.saved)
+            self.adapter.load_trained_state_dict(self.saved)
 
 
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
@@ -567,7 +592,8 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
 def write_grid(run: Run, state: TrainState) -> None:
     prompts = run.eval_prompts[:GRID_PROMPTS]
     images = stills(sample_images(run, prompts, seed=4242))
-    image_grid(images, run.out / f"samples_step{state.step:05d}.png", ncol=len(prompts), captions=prompts)
+    if run.rank == 0:
+        image_grid(images, run.out / f"samples_step{state.step:05d}.png", ncol=len(prompts), captions=prompts)
 
 
 def log_step(run: Run, state: TrainState, metrics: dict) -> None:
@@ -582,11 +608,31 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    tensors = {"lora": run.adapter.lora_state_dict()}
+    """The trained weights, EMA, optimizer and history, written atomically by the first process (sharded, every
+    process gathers its shards first)."""
+    tensors = {"lora": run.adapter.trained_state_dict()}
     if state.ema is not None:
         tensors["ema"] = state.ema
-    checkpoint.save(run.out, state.step, tensors, run.optimizer.state_dict(),
-                    {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy})
+    optimizer = _optimizer_state(run)
+    if run.rank == 0:
+        checkpoint.save(run.out, state.step, tensors, optimizer,
+                        {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy})
+
+
+def _optimizer_state(run: Run, load: Optional[dict] = None) -> Optional[dict]:
+    """The optimizer's whole state (sharded: gathered, a collective), or, with ``load``, restore it."""
+    if not run.adapter.sharded:
+        return run.optimizer.state_dict() if load is None else run.optimizer.load_state_dict(load)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+
+    models = torch.nn.ModuleDict(run.adapter.denoisers)  # one module owning every optimized parameter
+    if load is None:
+        return get_optimizer_state_dict(models, run.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    set_optimizer_state_dict(models, run.optimizer, optim_state_dict=load, options=StateDictOptions(full_state_dict=True))
+    return None
 
 
 def restore(run: Run) -> TrainState:
@@ -595,11 +641,12 @@ def restore(run: Run) -> TrainState:
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.out}")
     tensors, opt_state, saved = checkpoint.load(path)
-    run.adapter.load_lora_state_dict(tensors["lora"])
-    run.optimizer.load_state_dict(opt_state)
+    run.adapter.load_trained_state_dict(tensors["lora"])
+    _optimizer_state(run, load=opt_state)
     state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
                        base_accuracy=saved["base_accuracy"], ema=tensors.get("ema"))
-    checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
+    if run.rank == 0:
+        checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     log.info("resumed from %s (step %d)", path, state.step)
     return state
 
@@ -619,12 +666,13 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
     for step in bar:
         metrics = train_step(run, state, step)
         state.step = step + 1
-        if run.rank == 0:
+        if run.rank == 0 or run.adapter.sharded:  # sharded, every process takes part in evaluation and saving
             after_step(run, state, metrics)
+        if run.rank == 0:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
         if on_step is not None:
             on_step(state)
-    summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 else {}
+    summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 or run.adapter.sharded else {}
     barrier()
     return summary
 
@@ -640,6 +688,7 @@ def begin(run: Run, resume: bool) -> TrainState:
     if run.rank == 0:
         (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
         (run.out / "metrics.jsonl").write_text("")
+    if run.rank == 0 or run.adapter.sharded:
         base = evaluate(run)
         state.base_accuracy = base["accuracy"]
         state.evals.append({"step": 0, **base})
@@ -648,13 +697,15 @@ def begin(run: Run, resume: bool) -> TrainState:
 
 
 def after_step(run: Run, state: TrainState, metrics: dict) -> None:
-    """Periodic evaluation, logging, sample grid and checkpoint (first process only)."""
+    """Periodic evaluation, logging, sample grid and checkpoint (the first process; sharded, every process samples
+    and gathers with it and the first one writes)."""
     log_cfg = run.cfg.log
     if log_cfg.eval_every and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps:
         with _Swap(run.adapter, state.ema):
             state.evals.append({"step": state.step, **evaluate(run)})
         metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
-    log_step(run, state, metrics)
+    if run.rank == 0:
+        log_step(run, state, metrics)
     if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
         with _Swap(run.adapter, state.ema):
             write_grid(run, state)
@@ -700,14 +751,16 @@ def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
-    """Final evaluation, plots, the diffusers-format LoRA and summary.json."""
+    """Final evaluation, plots, the diffusers-format export (LoRA or transformer) and summary.json."""
     with _Swap(run.adapter, state.ema):
         result = evaluate(run)
         write_grid(run, state)
     final = result["accuracy"]
     if not state.evals or state.evals[-1]["step"] != state.step:
         state.evals.append({"step": state.step, **result})
-    run.adapter.save_lora(str(run.out / "lora"), state.ema)
+    run.adapter.export(str(run.out), state.ema)
+    if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
+        return {}
     line_plot({"reward": ([m["step"] for m in state.history], [m["reward_mean"] for m in state.history]),
                "held-out accuracy": ([e["step"] for e in state.evals], [e["accuracy"] for e in state.evals])},
               run.out / "curves.png", "reward and held-out strict accuracy")

@@ -7,24 +7,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests_helpers import BRIGHT, ROOT, SUBPROCESS_ENV, TINY
+from tests_helpers import BRIGHT, LAUNCH, ROOT, SUBPROCESS_ENV, TINY
 
 pytestmark = pytest.mark.slow
 
 
-def run(out: Path, launcher: list[str]) -> None:
+def run(out: Path, launcher: list[str]) -> str:
     args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.steps=2", "train.prompts_per_step=4",
             "log.save_advantages=true", BRIGHT, "--out", str(out)]
     env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def test_two_processes_give_the_advantages_of_one(tmp_path):
     run(tmp_path / "one", [sys.executable])
-    run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
+    log = run(tmp_path / "two", LAUNCH)
+    assert "process 0 of 2 processes" in log and "process 1 of 2 processes" in log
     for step in (1, 2):
         name = f"advantages_step{step:05d}.safetensors"
         one = load_file(str(tmp_path / "one" / name))["node_advantages"]

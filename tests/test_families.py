@@ -88,15 +88,15 @@ def test_wan22_lora_covers_both_experts_and_exports_both(tmp_path):
     with torch.no_grad():
         for p in params:
             p.add_(0.01)
-    state = adapter.lora_state_dict()
+    state = adapter.trained_state_dict()
     assert any(k.startswith("transformer_2.") for k in state) and any(not k.startswith("transformer_2.") for k in state)
     adapter.save_lora(str(tmp_path / "lora"))
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "lora" / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
     fresh = _adapter("wan", tiny_wan_pipeline(two_experts=True))
     fresh.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    fresh.load_lora_state_dict(state)
-    for k, v in fresh.lora_state_dict().items():
+    fresh.load_trained_state_dict(state)
+    for k, v in fresh.trained_state_dict().items():
         assert torch.equal(v, state[k])
 
 

@@ -243,12 +243,12 @@ def test_reward_routing_trains_each_stream_with_its_own_advantage(tmp_path):
     run = trainer.build(cfg, tmp_path)
     batch = trainer.collect(run, 0)
     leaf_r, valid, scores = trainer.score(run, batch)
-    saved = run.adapter.lora_state_dict()
+    saved = run.adapter.trained_state_dict()
 
     def gradient(routing):
         run.cfg.train.reward_routing = routing
         adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
-        run.adapter.load_lora_state_dict(saved)
+        run.adapter.load_trained_state_dict(saved)
         stats = trainer.optimize(run, batch, adv, mask)
         assert stats["ratio_dev"] == 0.0
         return torch.cat([p.grad.flatten() for p in run.adapter.trainable_parameters()])

@@ -1,5 +1,6 @@
 """Shared settings of the trainer tests: the shipped model at a tiny budget."""
 import os
+import sys
 from pathlib import Path
 
 from diffrl.adapters.sd3 import SD3Adapter
@@ -17,6 +18,10 @@ def brightness(media, prompts):
 
 
 BRIGHT = "rewards={'tests_helpers:brightness': 1.0}"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+"""Two processes through accelerate's multi-process launcher (torchrun underneath, gloo on CPUs; its ``--cpu`` flag
+would start a single process)."""
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}
 
 

@@ -55,6 +55,10 @@ class DiffusersAdapter:
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
     defaults here do not fit)."""
 
+    full_finetune: bool = False
+    """True after ``add_lora(0, ...)``: every denoiser parameter trains and the reference is a frozen copy."""
+    sharded: bool = False
+    """True after ``shard()``: the denoisers (and the reference copy) are FSDP2-sharded over the processes."""
     streams: Optional[dict[str, slice]] = None
     """Joint audio-video families: stream name -> its elements of the flattened latent (``x.flatten(1)[:, slice]``),
     for per-modality log-probs and advantages (``train.reward_routing``); None: one stream."""
@@ -149,9 +153,13 @@ class DiffusersAdapter:
         return sched.sigmas.float().clone()
 
     def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
-        """Attach trainable LoRA adapters (peft) to every denoiser, in fp32; the reference is the adapters off."""
+        """Attach trainable LoRA adapters (peft) to every denoiser, in fp32; the reference is the adapters off.
+        rank 0: full fine-tuning instead (``enable_full_finetuning``)."""
         from peft import LoraConfig
 
+        if rank == 0:
+            self.enable_full_finetuning()
+            return
         for module in self.denoisers.values():
             module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                           target_modules=list(targets)))
@@ -159,6 +167,31 @@ class DiffusersAdapter:
                 p.requires_grad_("lora_" in name)
                 if "lora_" in name:
                     p.data = p.data.float()
+
+    def enable_full_finetuning(self) -> None:
+        """Train every parameter of the denoisers, in their dtype (fp32 on the CPU; bf16 weights train in bf16). The
+        reference becomes a frozen copy of the denoisers taken now: twice their memory."""
+        self.full_finetune = True
+        self._reference = {name: copy.deepcopy(m).requires_grad_(False).eval() for name, m in self.denoisers.items()}
+        for module in self.denoisers.values():
+            module.requires_grad_(True)
+
+    def shard(self) -> None:
+        """FSDP (torch's ``fully_shard``, FSDP2) for full fine-tuning under several processes: every transformer block,
+        then each denoiser and its frozen reference copy, is sharded over the process group, so each process holds
+        1/N of the weights, gradients and optimizer state; forwards gather a block's weights when they run it, and
+        each backward averages the gradients over the processes (as ``average_gradients`` does unsharded)."""
+        from torch.distributed.fsdp import fully_shard
+
+        if not self.full_finetune:
+            raise ValueError("FSDP shards full fine-tuning (model.lora_rank: 0); a LoRA is small enough to replicate")
+        for group in (self.denoisers, self._reference):
+            for module in group.values():
+                for blocks in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+                    for block in getattr(module, blocks, None) or []:
+                        fully_shard(block)
+                fully_shard(module)
+        self.sharded = True
 
     def enable_offload(self) -> None:
         """Keep the text encoders and the VAE in CPU memory, moving each to the device only while it encodes or
@@ -193,7 +226,12 @@ class DiffusersAdapter:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The reference (pre-RL) model: LoRA adapters disabled inside the block."""
+        """The reference (pre-RL) model inside the block: LoRA adapters disabled, or (full fine-tuning) the frozen
+        copy of the denoisers."""
+        if self.full_finetune:
+            with self.using_denoisers(self._reference):
+                yield
+            return
         for module in self.denoisers.values():
             module.disable_adapters()
         try:
@@ -245,10 +283,20 @@ class DiffusersAdapter:
             copies[name] = clone.requires_grad_(False).eval()
         return copies
 
-    def lora_state_dict(self) -> dict[str, Tensor]:
-        """The LoRA weights of every denoiser; keys of denoisers other than ``transformer`` carry their name."""
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights of every denoiser (its LoRA, or with full fine-tuning all its parameters); keys of
+        denoisers other than ``transformer`` carry their name."""
         from peft.utils import get_peft_model_state_dict
 
+        if self.sharded:  # a collective: every process calls it; the first gets the whole weights, the others {}
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return {(k if name == "transformer" else f"{name}.{k}"): v for name, module in self.denoisers.items()
+                    for k, v in get_model_state_dict(module, options=opts).items()}
+        if self.full_finetune:
+            return {(k if name == "transformer" else f"{name}.{k}"): v.detach().clone()
+                    for name, module in self.denoisers.items() for k, v in module.state_dict().items()}
         return {(k if name == "transformer" else f"{name}.{k}"): v.detach().clone()
                 for name, module in self.denoisers.items() for k, v in get_peft_model_state_dict(module).items()}
 
@@ -262,9 +310,19 @@ class DiffusersAdapter:
                 parts["transformer"][k] = v
         return parts
 
-    def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_trained_state_dict(self, state: dict[str, Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
+        if self.sharded:  # every process passes the whole weights (read from the checkpoint) and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            for name, part in self._split(state).items():
+                set_model_state_dict(self.denoisers[name], part, options=StateDictOptions(full_state_dict=True))
+            return
+        if self.full_finetune:
+            for name, part in self._split(state).items():
+                self.denoisers[name].load_state_dict(part)
+            return
         for name, part in self._split(state).items():
             set_peft_model_state_dict(self.denoisers[name], part)
 
@@ -272,9 +330,44 @@ class DiffusersAdapter:
         """Write the LoRA in the diffusers format that the family pipeline's ``load_lora_weights`` reads: the
         ``transformer``'s in ``directory``, a second expert's in ``directory/transformer_2`` (load it with
         ``load_lora_weights(directory + "/transformer_2", load_into_transformer_2=True)``)."""
-        for name, part in self._split(state or self.lora_state_dict()).items():
+        for name, part in self._split(state or self.trained_state_dict()).items():
             out = directory if name == "transformer" else str(Path(directory) / name)
             type(self.pipe).save_lora_weights(out, transformer_lora_layers=part, safe_serialization=True)
+
+    def export(self, run_dir: str, state: Optional[dict[str, Tensor]] = None) -> str:
+        """Write the trained weights (``state``, e.g. the EMA, or the current ones) for diffusers and return where:
+        the LoRA to ``run_dir/lora`` (``save_lora``), fully fine-tuned denoisers with ``save_pretrained`` to
+        ``run_dir/transformer`` (and ``run_dir/transformer_2``), which replace the pipeline's own folders."""
+        if not self.full_finetune:
+            self.save_lora(str(Path(run_dir) / "lora"), state)
+            return str(Path(run_dir) / "lora")
+        if self.sharded:
+            return self._export_sharded(run_dir)
+        saved = self.trained_state_dict() if state is not None else None
+        if state is not None:
+            self.load_trained_state_dict(state)
+        try:
+            for name, module in self.denoisers.items():
+                module.save_pretrained(str(Path(run_dir) / name), safe_serialization=True)
+        finally:
+            if saved is not None:
+                self.load_trained_state_dict(saved)
+        return str(Path(run_dir) / "transformer")
+
+    def _export_sharded(self, run_dir: str) -> str:
+        """The sharded denoisers' gathered weights, written by the first process as ``save_pretrained`` lays a
+        folder out (``config.json`` + ``diffusion_pytorch_model.safetensors``); a collective."""
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        parts = self._split(self.trained_state_dict())
+        if dist.get_rank() == 0:
+            for name, module in self.denoisers.items():
+                folder = Path(run_dir) / name
+                module.save_config(str(folder))
+                save_file({k: v.contiguous() for k, v in parts[name].items()},
+                          str(folder / "diffusion_pytorch_model.safetensors"))
+        return str(Path(run_dir) / "transformer")
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
