@@ -78,9 +78,11 @@ def sweep(adapter: Any, prompts: Sequence[str], scales: Sequence[float], rewards
     from diffrl.scoring import score_batch
     from diffrl.viz import cat_media, image_grid, line_plot, stills
 
+    from tqdm import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     rows, media = [], []
-    for w in scales:
+    for w in tqdm(scales, desc="RL-guidance sweep", unit="w"):
         t0 = time.perf_counter()
         ws = guidance_schedule(steps, w, kind=schedule, rl_only_steps=rl_only_steps)
         m = guided_sample(adapter, prompts, seed, steps, guidance, ws, kind=kind, ref_guidance=ref_guidance,
@@ -95,7 +97,7 @@ def sweep(adapter: Any, prompts: Sequence[str], scales: Sequence[float], rewards
     images = stills(cat_media(media))  # [len(scales) * n, ...], scale-major
     n = len(prompts)
     order = torch.tensor([j * n + i for i in range(n) for j in range(len(scales))])
-    captions = [f"w={w:g}" for w in scales] + [""] * (n * len(scales) - len(scales))
+    captions = [f"w={w:g} {p}" if j == 0 else f"w={w:g}" for p in prompts for j, w in enumerate(scales)]
     image_grid(images[order], out / "sweep.png", ncol=len(scales), captions=captions)
     if rewards:
         line_plot({name: (list(scales), [r[name] for r in rows]) for name in rewards}, out / "sweep_rewards.png",
