@@ -1,11 +1,14 @@
 """diffrl: reinforcement-learning alignment of diffusion and flow-matching generators.
 
 The math lives in small pure-torch modules: ``sde`` (steps with log-probs), ``schedule`` (sigmas, SDE windows),
-``tree`` (branching trees), ``rollout`` (the batched tree rollout engine), ``advantages``, ``loss`` and ``guidance``.
+``tree`` (branching trees), ``rollout`` (the batched tree rollout engine), ``advantages``, ``loss``, ``guidance``
+and ``quant`` (FP8/FP4 grids, candidate selection); ``explore`` and ``guide`` run them through a model.
 """
 from diffrl.advantages import depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages
 from diffrl.guidance import rl_guidance
+from diffrl.guide import guided_sample
 from diffrl.loss import policy_loss
+from diffrl.quant import select_candidates
 from diffrl.rollout import tree_rollout
 from diffrl.sde import ddim_step, gaussian_log_prob, sde_step
 from diffrl.tree import TreeSchedule
@@ -24,6 +27,6 @@ def load_reward(name_or_path: str, **options):
 
 __all__ = [
     "StepOut", "Transitions", "TreeRollout", "TreeSchedule", "ddim_step", "depthwise_advantages", "gaussian_log_prob",
-    "gdpo_advantages", "group_advantages", "load_reward", "policy_loss", "rl_guidance", "rloo_advantages", "sde_step",
-    "tree_rollout",
+    "gdpo_advantages", "group_advantages", "guided_sample", "load_reward", "policy_loss", "rl_guidance",
+    "rloo_advantages", "sde_step", "select_candidates", "tree_rollout",
 ]

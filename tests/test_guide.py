@@ -115,3 +115,35 @@ def test_sweep_and_cli_write_grid_plot_and_json(tuned, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="one scale per step"):
         guided_sample(ad, PROMPTS, 0, 4, 4.5, torch.ones(3))
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["flux", "sana", "wan2.2", "ltx2"])
+def test_every_family_guides_between_its_reference_and_its_lora(family):
+    """w = 0 / 1 are the family's own base and LoRA samplers bit for bit (Wan 2.2: both experts carry a LoRA; LTX-2:
+    audio-video media)."""
+    from diffrl.adapters import load_adapter_class
+    from tiny_families import tiny_flux_pipeline, tiny_sana_pipeline, tiny_wan_pipeline
+    from tiny_ltx2 import tiny_ltx2_pipeline
+
+    build = {"flux": (tiny_flux_pipeline, {}), "sana": (tiny_sana_pipeline, {}),
+             "wan2.2": (lambda: tiny_wan_pipeline(two_experts=True), {"num_frames": 9}),
+             "ltx2": (tiny_ltx2_pipeline, {"num_frames": 9, "resolution": 64})}
+    make, kw = build[family]
+    name = {"wan2.2": "wan"}.get(family, family)
+    ad = load_adapter_class(name)(make(), max_sequence_length=16, **{"resolution": 32, **kw})
+    ad.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ad.trainable_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    prompts = ["a red circle", "two blue squares"]
+    base, tuned = sample(ad, prompts, 5, 3, 3.0, reference=True), sample(ad, prompts, 5, 3, 3.0)
+    assert not _equal(base, tuned)
+    assert _equal(guided_sample(ad, prompts, 5, 3, 3.0, torch.zeros(3)), base)
+    assert _equal(guided_sample(ad, prompts, 5, 3, 3.0, torch.ones(3)), tuned)
