@@ -16,7 +16,8 @@ Ends with one JSON line (``spearman``, ``regen_exact``, ``explore_s``, ``regen_s
 
 GPU (``--gpu``): an SD3.5-Medium-sized SD3 transformer (random weights; nothing can be downloaded) at 512 and
 1024 px: rollout throughput of BF16 against FP8 (and FP4 where the GPU has FP4 GEMMs; emulated FP4 otherwise), and
-one explore (N candidates, FP8) + regenerate (K, BF16) iteration against BF16-only rollouts of the same N.
+one explore (N candidates, FP8) + regenerate (K, BF16) iteration against BF16-only rollouts of the same N; then
+part 1 and 2 on the embedded model on the GPU, so the last JSON line has the same keys as on the CPU.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
             "explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
             "full_precision_all_s": round(full_s, 3), "candidates": batch.previewed, "kept": len(kept),
             "refresh_s": round(run.explorer.refresh(), 4), "build_s": round(run.explorer.build_s, 3),
-            "path": "emulated" if run.explorer.path == "emulated" else e.precision,
+            "path": "emulated" if run.explorer.path == "emulated" else ("fp8" if e.precision.startswith("fp8") else "fp4"),
             "path_reason": run.explorer.reason}
 
 
@@ -205,7 +206,12 @@ def gpu(args: argparse.Namespace) -> None:
         row["iteration_speedup"] = row["bf16_only_iteration_s"] / row["explore_regen_iteration_s"]
         results[f"{px}px"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}
         print(px, json.dumps(results[f"{px}px"]), flush=True)
-    print(json.dumps(results))
+    with tempfile.TemporaryDirectory() as tmp:  # the embedded model explored on this GPU: exactness and agreement
+        step = exploration_step(["sampler.split_steps=[]", "train.advantage=grpo", "log.tensorboard=false",
+                                 "model.device=cuda", "explore.enabled=true", "explore.candidates=16", "explore.keep=4",
+                                 f"explore.precision={args.precision}", f"train.prompts_per_step={args.prompts}"],
+                                Path(tmp))
+    print(json.dumps({**step, **results}))
 
 
 def main() -> None:
