@@ -28,7 +28,7 @@ log = logging.getLogger("diffrl")
 class LowPrecisionPolicy:
     """The exploration copy of an adapter's policy: its denoisers with the LoRA merged in, on the ``fmt`` grid.
 
-    fmt: fp8, nvfp4 or mxfp4. backend: auto, emulated or native (``quant.choose_path``). skip / min_dim: linear
+    fmt: fp8, fp8_tensor, nvfp4 or mxfp4. backend: auto, emulated or native (``quant.choose_path``). skip / min_dim: linear
     layers kept in the model's precision (name substrings; max(d_in, d_out) <= min_dim). ``path`` and ``reason``
     say which implementation runs and why; ``refresh()`` re-quantizes from the current policy after an update.
     """
