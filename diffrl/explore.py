@@ -28,9 +28,10 @@ log = logging.getLogger("diffrl")
 class LowPrecisionPolicy:
     """The exploration copy of an adapter's policy: its denoisers with the LoRA merged in, on the ``fmt`` grid.
 
-    fmt: fp8, fp8_tensor, nvfp4 or mxfp4. backend: auto, emulated or native (``quant.choose_path``). skip / min_dim: linear
-    layers kept in the model's precision (name substrings; max(d_in, d_out) <= min_dim). ``path`` and ``reason``
-    say which implementation runs and why; ``refresh()`` re-quantizes from the current policy after an update.
+    fmt: fp8, fp8_tensor, nvfp4 or mxfp4. backend: auto, emulated or native (``quant.choose_path``).
+    skip / min_dim: linear layers kept in the model's precision (name substrings; max(d_in, d_out) <= min_dim).
+    ``path`` and ``reason`` say which implementation runs and why; ``refresh()`` re-quantizes from the current
+    policy after an update.
     """
 
     def __init__(self, adapter: Any, fmt: str, backend: str = "auto", skip: Sequence[str] = (), min_dim: int = 0):
