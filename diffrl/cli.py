@@ -73,15 +73,22 @@ def _guide(args: argparse.Namespace) -> int:
         print("diffrl: RL guidance needs a fine-tuned model and a reference: give --lora (the reference is the model "
               "without it) or --reference-model", file=sys.stderr)
         return 2
+    if args.steps < 1 or args.rl_only_steps < 0:
+        print("diffrl: --steps must be >= 1 and --rl-only-steps >= 0", file=sys.stderr)
+        return 2
     if args.lora and not Path(args.lora).exists():
         print(f"diffrl: --lora {args.lora!r} does not exist (a diffrl run writes it to RUN_DIR/lora)", file=sys.stderr)
+        return 2
+    try:
+        scorers = {name: rewards.load(name) for name in args.reward}
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"diffrl: --reward: {e}", file=sys.stderr)
         return 2
     prompts = args.prompt or eval_prompts(args.prompts, args.n)
     adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
                                  num_frames=args.num_frames)
     reference = load_reference(args.reference_model, args.family, args.device, "float32",
                                **shape_options(args.resolution, args.num_frames))
-    scorers = {name: rewards.load(name) for name in args.reward}
     result = sweep(adapter, prompts, args.w, scorers, Path(args.out), seed=args.seed, steps=args.steps,
                    guidance=args.guidance, schedule=args.schedule, rl_only_steps=args.rl_only_steps, kind=args.kind,
                    ref_guidance=args.ref_guidance, reference=reference, progress=print)

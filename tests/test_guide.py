@@ -113,6 +113,8 @@ def test_sweep_and_cli_write_grid_plot_and_json(tuned, tmp_path, capsys):
     assert "needs a fine-tuned model" in capsys.readouterr().err
     assert main(["guide", "--model", MODEL, "--lora", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["guide", "--model", MODEL, "--lora", str(folder), "--reward", "shapez", "--n", "1"]) == 2
+    assert "unknown reward 'shapez'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="one scale per step"):
         guided_sample(ad, PROMPTS, 0, 4, 4.5, torch.ones(3))
 
