@@ -173,3 +173,13 @@ def test_a_resumed_exploring_run_ends_like_an_uninterrupted_one(tmp_path):
     a = load_file(str(tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "split" / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the copy previewed step 2 with the checkpoint's policy
+
+
+def test_sol_rl_configuration_explores_then_trains_with_diffusion_nft(tmp_path):
+    """Sol-RL's own recipe: FP4 previews, best+worst kept, exact regeneration, the DiffusionNFT update on the
+    regenerated leaves only (one update: exactly the sampling policy)."""
+    trainer.train(cfg_of(*FLAT, "train.steps=1", "train.objective=nft", "train.kl_weight=0", "explore.enabled=true",
+                         "explore.candidates=4", "explore.keep=2", "explore.precision=nvfp4"), out=str(tmp_path))
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["old_dev"] == 0.0 and m["invalid"] == 0 and m["nfe"] == 2 * 2 * 4  # 2 prompts x 2 kept chains x 4 steps
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
