@@ -1,5 +1,4 @@
 """Two CPU processes under ``accelerate launch`` shard the prompts and compute the same advantages as one."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -7,19 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests_helpers import BRIGHT, LAUNCH, ROOT, SUBPROCESS_ENV, TINY
+from tests_helpers import LAUNCH, launch_train
 
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, launcher: list[str]) -> str:
-    args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.steps=2", "train.prompts_per_step=4",
-            "log.save_advantages=true", BRIGHT, "--out", str(out)]
-    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stderr
+    return launch_train(launcher, out, ["train.steps=2", "log.save_advantages=true"])
 
 
 def test_two_processes_give_the_advantages_of_one(tmp_path):

@@ -1,27 +1,20 @@
 """FSDP full fine-tuning: two CPU processes with sharded denoisers train the same model as one unsharded process
 (same prompts, seeds and steps), write checkpoints and export a transformer folder diffusers loads."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests_helpers import BRIGHT, LAUNCH, ROOT, SUBPROCESS_ENV, TINY
+from tests_helpers import LAUNCH, ROOT, launch_train
 
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, launcher: list[str], *extra: str, steps: int = 2) -> str:
-    args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, f"train.steps={steps}", "train.prompts_per_step=4",
-            "model.lora_rank=0", "train.lr=1e-4", "log.checkpoint_every=1", BRIGHT, *[e for e in extra if "=" in e],
-            "--out", str(out), *[e for e in extra if "=" not in e]]
-    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stderr
+    overrides = [f"train.steps={steps}", "model.lora_rank=0", "train.lr=1e-4", "log.checkpoint_every=1"]
+    return launch_train(launcher, out, overrides + [e for e in extra if "=" in e], tuple(e for e in extra if "=" not in e))
 
 
 def test_two_sharded_processes_train_what_one_process_trains(tmp_path):

@@ -49,3 +49,16 @@ def video_brightness(media, prompts):
 def loudness(media, prompts):
     """Audio-video test reward on the audio stream: mean absolute amplitude of the waveform."""
     return {"loudness": media["audio"].float().abs().flatten(1).mean(1)}
+
+
+def launch_train(launcher: list, out: Path, overrides: list, flags: tuple = ()) -> str:
+    """``diffrl train configs/tiny_shapes.yaml`` at the tiny budget in subprocesses started by ``launcher`` (one
+    process: ``[sys.executable]``; two: ``LAUNCH``), one thread each; returns stderr (asserting success)."""
+    import subprocess
+
+    args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.prompts_per_step=4", BRIGHT, *overrides,
+            "--out", str(out), *flags]
+    done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True,
+                          env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
