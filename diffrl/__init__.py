@@ -25,8 +25,25 @@ def load_reward(name_or_path: str, **options):
 
     return rewards.load(name_or_path, **options)
 
+
+
+def train(cfg, out: str | None = None, resume: bool = False, on_step=None) -> dict:
+    """Run RL fine-tuning from a ``Config`` (``load_config``); returns the summary also written to summary.json.
+    Imported on first use, so ``import diffrl`` stays free of the model libraries."""
+    from diffrl.trainer import train as _train
+
+    return _train(cfg, out=out, resume=resume, on_step=on_step)
+
+
+def load_config(path: str | None = None, overrides=()):
+    """A validated ``Config`` from a YAML file of overrides and ``key=value`` strings (``diffrl.config``)."""
+    from diffrl.config import load_config as _load
+
+    return _load(path, overrides)
+
+
 __all__ = [
     "StepOut", "Transitions", "TreeRollout", "TreeSchedule", "ddim_step", "depthwise_advantages", "gaussian_log_prob",
-    "gdpo_advantages", "group_advantages", "guided_sample", "load_reward", "policy_loss", "rl_guidance",
-    "rloo_advantages", "sde_step", "select_candidates", "tree_rollout",
+    "gdpo_advantages", "group_advantages", "guided_sample", "load_config", "load_reward", "policy_loss", "rl_guidance",
+    "rloo_advantages", "sde_step", "select_candidates", "train", "tree_rollout",
 ]

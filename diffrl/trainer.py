@@ -1,5 +1,6 @@
 """The RL loop, read top to bottom: collect (tree SDE rollouts) -> score (rewards) -> advantage -> optimize
-(clipped-ratio LoRA updates with a KL to the adapters-off reference) -> log / evaluate / checkpoint.
+(clipped-ratio LoRA updates with a KL to the adapters-off reference; ``diffrl.update``) -> log / evaluate /
+checkpoint. What a run is made of (``Run``, ``TrainState``, ``Batch``) is in ``diffrl.state``.
 
 One trainer for every model family: it talks to the model only through an adapter (``diffrl.adapters``).
 """
@@ -9,10 +10,9 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import yaml
@@ -27,70 +27,22 @@ from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages,
 )
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import average_gradients, barrier, gather_rows, setup
+from diffrl.distributed import barrier, gather_rows, setup
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.inference import sample, shapes_accuracy
-from diffrl.loss import nft_loss, policy_loss
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples
-from diffrl.sde import append_dims, gaussian_log_prob, sde_step
+from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
-from diffrl.types import TreeRollout
+from diffrl.update import ema_update, optimize
 from diffrl.viz import cat_media, image_grid, line_plot, stills
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
 _SCORING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrl-chunk-scoring")
-
-
-@dataclass
-class Run:
-    """Everything built once from the config."""
-
-    cfg: Config
-    out: Path
-    adapter: Any
-    rewards: dict[str, Callable]
-    schedule: TreeSchedule
-    sigmas: Tensor
-    optimizer: torch.optim.Optimizer
-    prompts: PromptStream
-    eval_prompts: list[str]
-    minibatch: int = 1
-    """Samples per forward: ``train.minibatch``, capped by ``train.tokens_per_batch``."""
-    writer: Any = None
-    rank: int = 0
-    world: int = 1
-    explorer: Optional[LowPrecisionPolicy] = None
-    """The low-precision exploration copy of the policy (``explore.enabled``)."""
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores."""
-
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    base_accuracy: Optional[float] = None
-    ema: Optional[dict[str, Tensor]] = None
-
-
-@dataclass
-class Batch:
-    prompts: list[str]  # one per tree of this process
-    all_prompts: list[str]  # one per tree of every process, in rank order
-    first_tree: int  # global index of this process's first tree
-    rollout: TreeRollout
-    images: Union[Tensor, dict]  # decoded media of every leaf (of the kept ones, rollout.kept): [n, 3, H, W], videos, AV dicts
-    rollout_s: float
-    pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
-    preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
-    explore_s: float = 0.0  # exploration: preview rollouts and their rewards
-    previewed: int = 0  # exploration: candidate leaves previewed
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -344,234 +296,6 @@ def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
     return trained_edges(batch.rollout.transitions, steps)
 
 
-def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Trained edges of step ``k``, the distinct parents they come from (rollout order), and edge -> parent."""
-    e = (mask & (tr.step == k)).nonzero().flatten()
-    keys = tr.tree[e] * (int(tr.parent.max()) + 1) + tr.parent[e]
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce_(
-        0, inverse, torch.arange(len(e)), "amin", include_self=False)
-    return e, e[first], inverse
-
-
-def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor, step: int = 0) -> dict[str, float]:
-    """The update for ``train.objective``: clipped-ratio (``ppo``) or DiffusionNFT (``nft``)."""
-    if run.cfg.train.objective == "nft":
-        return optimize_nft(run, batch, adv, mask, step)
-    return optimize_ppo(run, batch, adv, mask)
-
-
-def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor) -> dict[str, float]:
-    """Clipped-ratio updates on the trained edges. Each inner epoch splits the step's trees into
-    ``train.updates_per_epoch`` groups and takes one optimizer step per group (gradients accumulate over the group's
-    edges, step by step, in minibatches). Each parent's velocity is computed once and in the rollout's batches, so
-    before the first update the ratio is exactly 1 (with several groups, the first group's batches are smaller than
-    the rollout's: 1 up to float rounding); the statistics are those of the first epoch. A process with no edges
-    to train still takes part in every update (its gradients count as zeros), so processes never wait on each
-    other."""
-    cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
-    cond_all = ad.encode(batch.prompts)
-    n_elem = math.prod(ad.latent_shape)
-    groups = torch.arange(len(batch.prompts)).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
-    stats_sum: dict[str, float] = {}
-    for epoch in range(cfg.train.inner_epochs):
-        for u, trees in enumerate(groups):
-            part = mask & torch.isin(tr.tree, trees)
-            total = int(part.sum())
-            run.optimizer.zero_grad(set_to_none=True)
-            calls = []
-            for k in sorted(set(tr.step[part].tolist())):
-                e, parents, inverse = _step_groups(tr, part, k)
-                for chunk in torch.arange(len(parents)).split(run.minibatch):
-                    sel = torch.isin(inverse, chunk)
-                    calls.append((e[sel], parents[chunk], inverse[sel] - chunk[0]))
-            for edges, parents, parent_of in calls:
-                stats = _edge_loss(run, tr, adv, edges, parents, parent_of, cond_all, n_elem, len(edges) / total)
-                dev = stats.pop("ratio_dev")
-                if epoch == 0:
-                    if u == 0:
-                        stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
-                    for name, v in stats.items():
-                        stats_sum[name] = stats_sum.get(name, 0.0) + v * len(edges) / int(mask.sum())
-            one = torch.zeros(1, dtype=torch.long)
-            for _ in range(len(calls), _most_calls(run, len(calls))):  # FSDP: join the others' collectives
-                _edge_loss(run, tr, adv, one, one, one, cond_all, n_elem, 0.0)
-            _apply_update(run)
-    return stats_sum
-
-
-def _most_calls(run: Run, n: int) -> int:
-    """Sharded (FSDP), every forward and backward is a collective, so every process makes as many as the busiest
-    one: the largest ``n`` over the processes (``n`` itself unsharded)."""
-    if not run.adapter.sharded:
-        return n
-    t = torch.tensor([n])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t)
-
-
-def _apply_update(run: Run) -> None:
-    """One optimizer step on the accumulated gradients: averaged over processes, then clipped."""
-    params = run.adapter.trainable_parameters()
-    if not run.adapter.sharded:  # FSDP averaged the gradients in each backward already
-        average_gradients(params)
-    torch.nn.utils.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
-    run.optimizer.step()
-
-
-def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
-               n_elem: int, weight: float) -> dict[str, float]:
-    """Loss of some edges of one step and its backward, weighted (by their share of all trained edges; 0 for a
-    process that only joins the others' collectives)."""
-    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
-    cond = {key: v[tr.tree[parents]] for key, v in cond_all.items()}
-    v = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
-    kw = dict(kind=s.kind, noise_level=s.noise_level, noise_scale=tr.noise_scale[edges])
-    out = sde_step(tr.x[edges], v, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges], **kw)
-    ref_mean = None
-    if cfg.train.kl_weight > 0:
-        with torch.no_grad(), ad.reference():
-            v_ref = ad.velocity(tr.x[parents], tr.sigma[parents], cond, s.guidance_scale)[parent_of]
-            ref_mean = sde_step(tr.x[edges], v_ref, tr.sigma[edges], tr.sigma_next[edges], x_next=tr.x_next[edges],
-                                **kw).mean
-    if isinstance(adv, dict):
-        return _stream_losses(run, tr, adv, edges, out.mean, ref_mean, n_elem, weight)
-    loss, stats = policy_loss(out.log_prob, tr.log_prob[edges], adv[edges], clip_range=cfg.train.clip_range,
-                              num_elements=n_elem, kl_weight=cfg.train.kl_weight, mean=out.mean, ref_mean=ref_mean,
-                              std=tr.std[edges])
-    (loss * weight).backward()
-    return _loss_stats([(1.0, stats)])
-
-
-def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Tensor, ref_mean: Optional[Tensor],
-                   n_elem: int, weight: float) -> dict[str, float]:
-    """Modality routing (OmniNFT): each stream's log-prob over its own elements, the clipped-ratio loss with that
-    stream's advantage, weighted by its share D_m / D of the latent. The rollout-time log-prob of a stream is
-    recomputed from the stored fp32 mean, so the ratio is exactly 1 before the first update. A stream with no
-    routed reward is not trained."""
-    cfg, parts, loss = run.cfg, [], 0.0
-    x_next, old_mean, std = tr.x_next[edges].flatten(1), tr.mean[edges].flatten(1), tr.std[edges]
-    mean = mean.flatten(1)
-    for name, sl in run.adapter.streams.items():
-        if name not in adv:
-            continue
-        d = sl.stop - sl.start
-        new_lp = gaussian_log_prob(x_next[:, sl], mean[:, sl], std)
-        old_lp = gaussian_log_prob(x_next[:, sl], old_mean[:, sl], std)
-        ref = None if ref_mean is None else ref_mean.flatten(1)[:, sl]
-        l_m, st = policy_loss(new_lp, old_lp, adv[name][edges], clip_range=cfg.train.clip_range, num_elements=d,
-                              kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std)
-        loss = loss + l_m * d / n_elem
-        parts.append((d / n_elem, st))
-    (loss * weight).backward()
-    return _loss_stats(parts)
-
-
-def _loss_stats(parts: list) -> dict[str, float]:
-    """The metrics of one minibatch's loss: ``(weight, LossStats)`` per stream, weighted sums (the ratio's extremes
-    over all streams)."""
-    w = sum(p[0] for p in parts)
-    avg = lambda name: sum(p[0] * getattr(p[1], name) for p in parts) / w  # noqa: E731
-    dev = max(max(p[1].ratio_max - 1, 1 - p[1].ratio_min) for p in parts)
-    return {"kl": avg("kl"), "clip_frac": avg("clip_frac"), "approx_kl": avg("approx_kl"),
-            "ratio_mean": avg("ratio_mean"), "ratio_dev": dev, "policy_loss": avg("policy_loss")}
-
-
-def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward-process training points of this process's valid leaves: each leaf is noised at
-    ``round(sampler.timestep_fraction * sampler.num_steps)`` (at least 1) distinct noise levels of the rollout
-    schedule. Seeded by (seed, step, global leaf index), so N processes draw what one process would.
-    Returns local leaf indices ``[P]``, sigmas ``[P]`` and noises ``[P, ...]``."""
-    cfg, s = run.cfg, run.cfg.sampler
-    k = max(1, round(s.timestep_fraction * s.num_steps))
-    leaves_per_tree = mask.shape[1]
-    idx, sig, eps = [], [], []
-    for i in mask.flatten().nonzero().flatten().tolist():
-        g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, step, 7, batch.first_tree * leaves_per_tree + i))
-        idx.append(torch.full((k,), i))
-        sig.append(run.sigmas[torch.randperm(s.num_steps, generator=g)[:k]].float())
-        eps.append(torch.randn(k, *run.adapter.latent_shape, generator=g))
-    if not idx:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, *run.adapter.latent_shape)
-    return torch.cat(idx), torch.cat(sig), torch.cat(eps)
-
-
-def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -> dict[str, float]:
-    """DiffusionNFT updates (papers.md part 1 (i)) on the leaves' clean latents, noised by the forward process.
-
-    The sampling policy (``v_old``) is the LoRA as it was at rollout time: in the first update its velocity is the
-    trained one's, detached (same weights, same batch); later updates of the step recompute it with the rollout-time
-    LoRA swapped in. Updates are grouped by tree like the clipped-ratio path (``train.updates_per_epoch``), points go
-    through the model ``Run.minibatch`` at a time, and a process with no points still joins every update."""
-    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
-    leaves = mask.shape[1]
-    leaf, sigma, eps = nft_points(run, batch, mask, step)
-    x0_all = batch.rollout.leaves.flatten(0, 1)
-    cond_all = ad.encode(batch.prompts)
-    snapshot = ad.trained_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
-    groups = torch.arange(mask.shape[0]).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
-    stats_sum: dict[str, float] = {}
-    for epoch in range(cfg.train.inner_epochs):
-        for u, trees in enumerate(groups):
-            points = torch.isin(leaf // leaves, trees).nonzero().flatten()
-            run.optimizer.zero_grad(set_to_none=True)
-            for chunk in points.split(run.minibatch):
-                li, sg = leaf[chunk], sigma[chunk]
-                x0 = x0_all[li].float()
-                s_b = append_dims(sg, x0.ndim)
-                x_t = (1 - s_b) * x0 + s_b * eps[chunk]
-                cond = {key: v[li // leaves] for key, v in cond_all.items()}
-                x_in = x_t.to(x0_all.dtype)
-                on_policy = epoch == 0 and u == 0
-                if not on_policy:  # before the graph of v is built: the swap writes the LoRA weights in place
-                    with torch.no_grad(), _Swap(ad, snapshot):
-                        v_old = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                v = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                if on_policy:
-                    v_old = v.detach()
-                v_ref = None
-                if cfg.train.kl_weight > 0:
-                    with torch.no_grad(), ad.reference():
-                        v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
-                                    adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
-                (loss * len(chunk) / len(points)).backward()
-                if epoch == 0:
-                    for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
-                        stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
-            _apply_update(run)
-    return stats_sum
-
-
-def ema_update(run: Run, state: TrainState) -> None:
-    """EMA of the LoRA weights (used for evaluation and export) when ``train.ema_decay > 0``."""
-    decay = run.cfg.train.ema_decay
-    if decay <= 0:
-        return
-    current = run.adapter.trained_state_dict()
-    if state.ema is None:
-        state.ema = current
-    else:
-        for k, v in current.items():
-            state.ema[k].lerp_(v, 1 - decay)
-
-
-class _Swap:
-    """Temporarily load other LoRA weights (the EMA, or NFT's sampling policy); a no-op for None."""
-
-    def __init__(self, adapter: Any, weights: Optional[dict[str, Tensor]]):
-        self.adapter, self.weights, self.saved = adapter, weights, None
-
-    def __enter__(self):
-        if self.weights is not None:
-            self.saved = self.adapter.trained_state_dict()
-            self.adapter.load_trained_state_dict(self.weights)
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.adapter.load_trained_state_dict(self.saved)
-
-
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Tensor:
     """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG."""
     s = run.cfg.sampler
@@ -701,13 +425,13 @@ def after_step(run: Run, state: TrainState, metrics: dict) -> None:
     and gathers with it and the first one writes)."""
     log_cfg = run.cfg.log
     if log_cfg.eval_every and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps:
-        with _Swap(run.adapter, state.ema):
+        with Swap(run.adapter, state.ema):
             state.evals.append({"step": state.step, **evaluate(run)})
         metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
     if run.rank == 0:
         log_step(run, state, metrics)
     if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
-        with _Swap(run.adapter, state.ema):
+        with Swap(run.adapter, state.ema):
             write_grid(run, state)
     if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps:
         save_checkpoint(run, state)
@@ -752,7 +476,7 @@ def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     """Final evaluation, plots, the diffusers-format export (LoRA or transformer) and summary.json."""
-    with _Swap(run.adapter, state.ema):
+    with Swap(run.adapter, state.ema):
         result = evaluate(run)
         write_grid(run, state)
     final = result["accuracy"]

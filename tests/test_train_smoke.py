@@ -75,14 +75,14 @@ def test_nft_updates_fit_the_positive_leaves_and_unfit_the_negative_ones(tmp_pat
     """DiffusionNFT direction end to end: after three updates on one batch, the model reconstructs the clean latents
     of the leaves with positive advantage better (flow-matching error at the same noisy points falls) and those
     with negative advantage worse."""
-    from diffrl import trainer
+    from diffrl import trainer, update
 
     cfg = tiny_cfg("rewards={'tests_helpers:brightness': 1.0}", "train.prompts_per_step=4", "train.lr=3e-3",
                    "train.kl_weight=0", "train.advantage=grpo", "train.objective=nft", "sampler.timestep_fraction=1.0")
     run = trainer.build(cfg, tmp_path)
     batch = trainer.collect(run, 0)
     adv, mask = trainer.advantage(run, batch, *trainer.score(run, batch)[:2], 0)
-    leaf, sigma, eps = trainer.nft_points(run, batch, mask, 0)
+    leaf, sigma, eps = update.nft_points(run, batch, mask, 0)
     x0 = batch.rollout.leaves.flatten(0, 1)[leaf]
     cond = {k: v[leaf // mask.shape[1]] for k, v in run.adapter.encode(batch.prompts).items()}
     s = sigma.view(-1, 1, 1, 1)

@@ -1,0 +1,80 @@
+"""What a training run is made of: the objects built once from the config (``Run``), what a checkpoint restores
+(``TrainState``), one step's rollouts (``Batch``), and a context manager that swaps other trained weights in."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from diffrl.config import Config
+from diffrl.explore import LowPrecisionPolicy
+from diffrl.prompts import PromptStream
+from diffrl.tree import TreeSchedule
+from diffrl.types import TreeRollout
+
+
+@dataclass
+class Run:
+    """Everything built once from the config."""
+
+    cfg: Config
+    out: Path
+    adapter: Any
+    rewards: dict[str, Callable]
+    schedule: TreeSchedule
+    sigmas: Tensor
+    optimizer: torch.optim.Optimizer
+    prompts: PromptStream
+    eval_prompts: list[str]
+    minibatch: int = 1
+    """Samples per forward: ``train.minibatch``, capped by ``train.tokens_per_batch``."""
+    writer: Any = None
+    rank: int = 0
+    world: int = 1
+    explorer: Optional[LowPrecisionPolicy] = None
+    """The low-precision exploration copy of the policy (``explore.enabled``)."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    base_accuracy: Optional[float] = None
+    ema: Optional[dict[str, Tensor]] = None
+
+
+@dataclass
+class Batch:
+    prompts: list[str]  # one per tree of this process
+    all_prompts: list[str]  # one per tree of every process, in rank order
+    first_tree: int  # global index of this process's first tree
+    rollout: TreeRollout
+    images: Union[Tensor, dict]  # decoded media of every leaf (of the kept ones, rollout.kept): [n, 3, H, W], videos, AV dicts
+    rollout_s: float
+    pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
+    preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
+    explore_s: float = 0.0  # exploration: preview rollouts and their rewards
+    previewed: int = 0  # exploration: candidate leaves previewed
+
+
+class Swap:
+    """Temporarily load other LoRA weights (the EMA, or NFT's sampling policy); a no-op for None."""
+
+    def __init__(self, adapter: Any, weights: Optional[dict[str, Tensor]]):
+        self.adapter, self.weights, self.saved = adapter, weights, None
+
+    def __enter__(self):
+        if self.weights is not None:
+            self.saved = self.adapter.trained_state_dict()
+            self.adapter.load_trained_state_dict(self.weights)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.adapter.load_trained_state_dict(self.saved)
