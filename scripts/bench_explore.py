@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -38,6 +40,11 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def finite(x: float, digits: int = 4) -> Optional[float]:
+    """``x`` rounded, or None where it is NaN (every reward of every prompt tied): the JSON lines stay strict JSON."""
+    return None if math.isnan(x) else round(x, digits)
 
 
 def policy_reward(trainer, run, prompts: list[str]) -> float:
@@ -87,8 +94,8 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
                   schedule=run.schedule, sigmas=run.sigmas, rollout_options=opts, guidance=s.guidance_scale,
                   ode_steps=(e.preview_steps or s.num_steps) if e.preview == "ode" else None, max_batch=run.minibatch)
     kept_full = full_r.flatten()[kept].reshape(batch.preview.shape)
-    return {"regen_exact": bool(exact), "spearman": round(mean_spearman(pre.rewards, full_r), 4),
-            "spearman_kept": round(mean_spearman(batch.preview, kept_full), 4),
+    return {"regen_exact": bool(exact), "spearman": finite(mean_spearman(pre.rewards, full_r)),
+            "spearman_kept": finite(mean_spearman(batch.preview, kept_full)),
             "explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
             "full_precision_all_s": round(full_s, 3), "candidates": batch.previewed, "kept": len(kept),
             "refresh_s": round(run.explorer.refresh(), 4), "build_s": round(run.explorer.build_s, 3),
@@ -144,14 +151,13 @@ def cpu(args: argparse.Namespace) -> None:
     print(f"wall-clock ratio explore / plain: {ratio:.2f}x (emulated low precision costs more than fp32 on a CPU)")
     print(json.dumps({**step, "precision": args.precision, "n": n, "k": k, "steps": args.steps,
                       "final_reward_plain": p[-1]["reward"], "final_reward_explore": ex[-1]["reward"],
-                      "wall_ratio_explore_over_plain": round(ratio, 3), "machine": machine()}))
+                      "wall_ratio_explore_over_plain": round(ratio, 3), "machine": machine()}, allow_nan=False))
 
 
 def gpu(args: argparse.Namespace) -> None:
     """Rollout throughput of an SD3.5-Medium-sized transformer in BF16, FP8 and FP4, and one explore + regenerate
     iteration against BF16-only rollouts of the same N (transformer forwards only: no VAE, no reward)."""
     import copy
-    import math
 
     from diffusers import SD3Transformer2DModel
 
@@ -211,7 +217,7 @@ def gpu(args: argparse.Namespace) -> None:
                                  "model.device=cuda", "explore.enabled=true", "explore.candidates=16", "explore.keep=4",
                                  f"explore.precision={args.precision}", f"train.prompts_per_step={args.prompts}"],
                                 Path(tmp))
-    print(json.dumps({**step, **results}))
+    print(json.dumps({**step, **results}, allow_nan=False))
 
 
 def main() -> None:

@@ -14,3 +14,26 @@ def test_family_benchmark_runs_on_tiny_configs():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["model"] for r in result["results"]][::2] == ["SD3.5-Medium", "FLUX.1", "Wan 2.1 1.3B, 33 frames"]
     assert all(r["iteration_s"] > 0 and r["train_s"] > 0 for r in result["results"])
+
+
+def _strict_json(line: str) -> dict:
+    """Parse as strict JSON (no NaN/Infinity), as checks outside the repo and other languages' parsers do."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_explore_benchmark_ends_with_its_json_contract():
+    """bench_explore.py's last line is strict JSON with the keys checks outside the repo read; on a tiny run (4
+    steps, 2 prompts, N = 8, K = 2) regeneration is exact and the path is the emulated one (no GPU here)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_explore.py"), "--steps", "1", "--keep", "2",
+                           "--prompts", "2", "--eval-every", "1", "--eval-prompts", "2", "sampler.num_steps=4",
+                           "sampler.sde_window=[0,2]", "sampler.eval_steps=4", "data.eval_size=4"],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = _strict_json(done.stdout.strip().splitlines()[-1])
+    assert {"spearman", "regen_exact", "explore_s", "regen_s", "path"} <= set(result)
+    assert result["regen_exact"] is True and result["path"] == "emulated"
+    assert result["explore_s"] > 0 and result["regen_s"] > 0
+    assert result["spearman"] is None or -1.0 <= result["spearman"] <= 1.0

@@ -15,7 +15,7 @@ def quickstart_commands() -> list[str]:
 
 def test_quickstart_has_exactly_two_commands():
     install_and_run, install_and_test = quickstart_commands()
-    assert "pip install" in install_and_run and "diffrl" in install_and_run
+    assert "pip install" in install_and_run and install_and_run.endswith("diffrl train configs/tiny_shapes.yaml")
     assert "pip install" in install_and_test and "pytest" in install_and_test
 
 
