@@ -42,14 +42,16 @@ def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
     assert ups and any(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: the update moved it
 
 
+@pytest.mark.parametrize("advantage", ["grpo", "tree"])
 @pytest.mark.parametrize("reward, sign", [("tests_helpers:brightness", 1), ("tests_helpers:darkness", -1)])
-def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(tmp_path, reward, sign):
+def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(tmp_path, reward, sign, advantage):
     """Policy-gradient direction end to end (rollout -> reward -> advantage -> loss -> LoRA): re-rolling the same
-    prompts and seeds after each update makes them brighter for a brightness reward and darker for its negation."""
+    prompts and seeds after each update makes them brighter for a brightness reward and darker for its negation,
+    with leaf GRPO advantages and with the main job's depth-wise tree advantages."""
     from diffrl import trainer
 
     cfg = tiny_cfg(f"rewards={{'{reward}': 1.0}}", "train.prompts_per_step=4", "train.lr=3e-3", "train.kl_weight=0",
-                   "train.advantage=grpo")
+                   f"train.advantage={advantage}")
     run = trainer.build(cfg, tmp_path)
     before = float(trainer.collect(run, 0).images.mean())
     for _ in range(4):
