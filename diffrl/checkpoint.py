@@ -21,8 +21,11 @@ KEEP = 2
 
 
 def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict) -> Path:
-    """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints."""
+    """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints; temporary folders left by a
+    save that was killed midway are removed first (they are never loaded, only disk)."""
     run_dir = Path(run_dir)
+    for stale in run_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=run_dir))
     for name, sd in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))

@@ -32,3 +32,11 @@ def test_keeps_newest_and_ignores_half_written(tmp_path):
     (tmp_path / "checkpoint-000009").mkdir()  # a crash before state.json was written
     assert checkpoint.latest(tmp_path).name == "checkpoint-000003"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_save_cleans_up_what_a_killed_save_left(tmp_path):
+    stale = tmp_path / ".tmp-checkpoint-abc123"  # a save killed after mkdtemp, before the rename
+    stale.mkdir()
+    (stale / "lora.safetensors").write_bytes(b"half")
+    checkpoint.save(tmp_path, 4, {"lora": {"w": torch.zeros(1)}}, {}, {})
+    assert not stale.exists() and checkpoint.latest(tmp_path).name == "checkpoint-000004"
