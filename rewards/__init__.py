@@ -14,6 +14,7 @@ from typing import Any, Callable
 REGISTRY: dict[str, str] = {
     "shapes": "rewards.shapes:build",
     "shapes_partial": "rewards.shapes:build_partial",
+    "shapes_dense": "rewards.shapes:build_dense",
     "jpeg_compressibility": "rewards.jpeg:build_compressibility",
     "jpeg_incompressibility": "rewards.jpeg:build_incompressibility",
     "av_sync": "rewards.av_sync:build",
@@ -52,7 +53,7 @@ def _import(path: str) -> Any:
 # What each built-in reward reads (image, video, audio: audio-video training routes its advantage by this) and
 # whether its scores are differentiable functions of the pixels.
 META: dict[str, tuple[tuple[str, ...], bool]] = {
-    "shapes": (("image",), False), "shapes_partial": (("image",), False),
+    "shapes": (("image",), False), "shapes_partial": (("image",), False), "shapes_dense": (("image",), False),
     "jpeg_compressibility": (("image",), False), "jpeg_incompressibility": (("image",), False),
     "av_sync": (("video", "audio"), False), "clip_score": (("image",), True), "aesthetic": (("image",), True),
     "pickscore": (("image",), True), "hpsv2": (("image",), True), "ocr": (("image", "video"), False),

@@ -8,6 +8,8 @@
    nothing extra), ``color`` (each colour present in the right number), ``shape`` (every object of a prompt colour
    has the prompt's shape), ``size`` and ``relation`` where the prompt has them. ``strict`` is 1 when all pass;
    ``partial`` is their mean.
+5. ``shapes_dense`` (a training reward): the same criteria graded, so near misses (five objects for four) score
+   between a hit and a far miss; 1 exactly where ``strict`` is 1.
 """
 from __future__ import annotations
 
@@ -104,6 +106,34 @@ def score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int =
     return {**crit, "partial": sum(values) / len(values), "strict": float(all(v == 1.0 for v in values))}
 
 
+def _closeness(found: int, asked: int) -> float:
+    """1 when ``found == asked``, falling linearly to 0 at ``|found - asked| >= asked``."""
+    return max(0.0, 1.0 - abs(found - asked) / asked)
+
+
+def dense_score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32) -> float:
+    """A graded version of ``partial`` in [0, 1], 1 exactly where ``strict`` is 1 (for training, not evaluation).
+
+    Each criterion gives partial credit instead of 0/1: ``count`` and ``color`` by how close the object counts are
+    (``1 - |found - asked| / asked``, floored at 0), ``shape`` and ``size`` by the share of the prompt-colour objects
+    that pass; ``relation`` stays 0/1. So a four-object prompt drawn as five scores more than one drawn as seven,
+    and a group of samples that all miss the strict count still carries a signal."""
+    found = detect(image)
+    by_color = {o.color: [f for f in found if f["color"] == o.color] for o in scene.objects}
+    crit = [_closeness(len(found), scene.num_objects),
+            float(np.mean([_closeness(len(by_color[o.color]), o.count) for o in scene.objects]))]
+    shapes = [f["shape"] == o.shape for o in scene.objects for f in by_color[o.color]]
+    crit.append(float(np.mean(shapes)) if shapes else 0.0)
+    sized = [(f["side"] < 10.5 * image_size / 32) == (o.size == "small") for o in scene.objects if o.size
+             for f in by_color[o.color]]
+    if any(o.size for o in scene.objects):
+        crit.append(float(np.mean(sized)) if sized else 0.0)
+    if scene.relation:
+        a, b = (by_color[o.color] for o in scene.objects)
+        crit.append(float(len(a) == 1 and len(b) == 1 and _relation_holds(a[0], b[0], scene.relation)))
+    return float(np.mean(crit))
+
+
 def to_pil(media) -> list[Image.Image]:
     """PIL images from a list of PIL images or a float tensor ``[B, 3, H, W]`` in [0, 1]."""
     if isinstance(media, torch.Tensor):
@@ -138,3 +168,20 @@ def build_partial(**options) -> "callable":
     """Registry factory of ``partial_reward``."""
     build(**options)
     return partial_reward
+
+
+def dense_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Reward: ``dense`` (graded criteria, ``dense_score``) first, then ``strict``; ``(batch,)`` float tensors."""
+    images = to_pil(media)
+    if len(images) != len(prompts):
+        raise ValueError(f"shapes_dense reward got {len(images)} images for {len(prompts)} prompts")
+    scenes = [parse_prompt(p) for p in prompts]
+    dense = [dense_score(img, sc, img.size[0]) for img, sc in zip(images, scenes)]
+    strict = [score(img, sc, img.size[0])["strict"] for img, sc in zip(images, scenes)]
+    return {"dense": torch.tensor(dense, dtype=torch.float32), "strict": torch.tensor(strict, dtype=torch.float32)}
+
+
+def build_dense(**options) -> "callable":
+    """Registry factory of ``dense_reward``."""
+    build(**options)
+    return dense_reward

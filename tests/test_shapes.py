@@ -66,3 +66,25 @@ def test_registered_reward_takes_tensors_and_pil():
     out = reward(t, [prompt_of(scene)])
     assert out["strict"].tolist() == [1.0] and out["strict"].dtype == torch.float32
     assert reward([img], [prompt_of(scene)])["partial"].tolist() == [1.0]
+
+
+def test_dense_reward_is_one_exactly_on_hits_and_grades_near_misses():
+    from rewards.shapes import dense_score
+
+    for kind in KINDS:  # 1 on ground truth, like strict
+        ds = ShapesDataset(40, seed=55, kinds=[kind])
+        assert all(dense_score(img, parse_prompt(p)) == 1.0 for p, img in (ds[i] for i in range(len(ds))))
+    asked = Scene("count", (Obj("red", "square", 4),))
+    scores = []
+    for n in (4, 5, 7):  # four, five and seven red squares drawn for "four red squares"
+        img = Image.new("RGB", (32, 32))
+        d = ImageDraw.Draw(img)
+        for i in range(n):
+            x, y = 1 + 8 * (i % 4), 1 + 10 * (i // 4)
+            d.rectangle([x, y, x + 5, y + 5], fill=COLORS["red"])
+        scores.append(dense_score(img, asked))
+        assert score(img, asked)["strict"] == float(n == 4)
+    assert scores[0] == 1.0 > scores[1] > scores[2] > 0
+    assert dense_score(Image.new("RGB", (32, 32)), asked) == 0.0  # blank
+    out = load("shapes_dense")([img], ["four red squares"])
+    assert list(out) == ["dense", "strict"] and out["dense"].tolist() == [scores[2]]
