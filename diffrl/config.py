@@ -152,6 +152,10 @@ class DataConfig:
     eval_prompts: str = "shapes:count,relation"
     """Held-out prompts: "shapes:<kinds>" or a file."""
     eval_size: int = 64
+    """Distinct held-out prompts (they are kept out of the training prompts)."""
+    eval_seeds: int = 1
+    """Samples per held-out prompt, each from its own seed: the accuracy is over ``eval_size * eval_seeds`` samples
+    (the shapes grammar has only 54 distinct count prompts, so more prompts would leave none to train on)."""
 
 
 @dataclass
@@ -286,7 +290,8 @@ def validate(cfg: Config, where: str) -> list[str]:
                 "train.updates_per_epoch": t.updates_per_epoch, "train.lr": t.lr,
                 "train.clip_range": t.clip_range, "train.nft_beta": t.nft_beta, "sampler.eval_steps": s.eval_steps,
                 "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
-                "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size}
+                "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size,
+                "data.eval_seeds": cfg.data.eval_seeds}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     if cfg.model.fsdp and (cfg.model.lora_rank != 0 or cfg.explore.enabled or t.objective != "ppo" or t.ema_decay > 0):
         errors.append(f"{where}: 'model.fsdp' shards full fine-tuning: it needs 'model.lora_rank' 0, 'train.objective' "

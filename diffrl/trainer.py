@@ -305,11 +305,12 @@ def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = Fal
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     """Held-out accuracy: the shapes verifier's strict score per kind (or the first reward's mean for other
     prompts)."""
-    images = sample_images(run, run.eval_prompts, seed=999, reference=reference)
+    prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
+    images = sample_images(run, prompts, seed=999, reference=reference)
     if run.cfg.data.eval_prompts.startswith("shapes"):
-        return shapes_accuracy(stills(images), run.eval_prompts)
+        return shapes_accuracy(stills(images), prompts)
     name = next(iter(run.rewards))
-    scores, valid = score_batch({name: run.rewards[name]}, images, run.eval_prompts, run.cfg.train.reward_timeout_s)
+    scores, valid = score_batch({name: run.rewards[name]}, images, prompts, run.cfg.train.reward_timeout_s)
     return {"accuracy": float(scores[name][valid].mean())}
 
 

@@ -271,3 +271,23 @@ def test_reward_routing_to_a_stream_the_model_lacks_is_one_sentence(tmp_path):
     cfg = tiny_cfg(BRIGHT, "train.advantage=grpo", "train.reward_routing={'tests_helpers:brightness': [audio]}")
     with pytest.raises(ConfigError, match=r"routes rewards to \['audio'\], but the sd3 model's latent streams are one"):
         trainer.build(cfg, tmp_path)
+
+
+def test_held_out_evaluation_draws_eval_seeds_samples_per_prompt(tmp_path, monkeypatch):
+    """data.eval_seeds = 3: every held-out prompt is sampled three times, each from its own seed (the sampler gives
+    sample i the seed mix_seed(999, i)), so the accuracy is over eval_size x 3 samples; 0 is a config error."""
+    from diffrl import trainer
+
+    run = trainer.build(tiny_cfg("data.eval_seeds=3"), tmp_path)
+    seen = []
+    real = trainer.sample
+
+    def spy(adapter, prompts, seed, *args, **kwargs):
+        seen.append(list(prompts))
+        return real(adapter, prompts, seed, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sample", spy)
+    trainer.evaluate(run)
+    assert seen == [run.eval_prompts * 3] and len(run.eval_prompts) == 4
+    with pytest.raises(Exception, match="'data.eval_seeds' must be > 0"):
+        tiny_cfg("data.eval_seeds=0")
