@@ -26,7 +26,6 @@ def load_reward(name_or_path: str, **options):
     return rewards.load(name_or_path, **options)
 
 
-
 def train(cfg, out: str | None = None, resume: bool = False, on_step=None) -> dict:
     """Run RL fine-tuning from a ``Config`` (``load_config``); returns the summary also written to summary.json.
     Imported on first use, so ``import diffrl`` stays free of the model libraries."""

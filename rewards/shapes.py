@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,17 +86,29 @@ def _relation_holds(a: dict, b: dict, relation: str) -> bool:
     return along > 0 and along > abs(across)
 
 
-def score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32) -> dict[str, float]:
-    """Per-criterion scores (0/1), ``partial`` (their mean) and ``strict`` (all pass) of one image."""
-    found = detect(image)
+def _small_side(image_size: int) -> float:
+    """Objects with a bounding-box side below this (px) are "small"."""
+    return 10.5 * image_size / 32
+
+
+def _by_color(found: list[dict], scene: Scene) -> dict[str, list[dict]]:
+    """The detected objects of each prompt colour."""
+    return {o.color: [f for f in found if f["color"] == o.color] for o in scene.objects}
+
+
+def score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32,
+          found: Optional[list[dict]] = None) -> dict[str, float]:
+    """Per-criterion scores (0/1), ``partial`` (their mean) and ``strict`` (all pass) of one image; ``found``:
+    its ``detect`` output when already computed."""
+    found = detect(image) if found is None else found
     crit = {"count": float(len(found) == scene.num_objects)}
-    by_color = {o.color: [f for f in found if f["color"] == o.color] for o in scene.objects}
+    by_color = _by_color(found, scene)
     crit["color"] = float(all(len(by_color[o.color]) == o.count for o in scene.objects))
     shapes_ok = [f["shape"] == o.shape for o in scene.objects for f in by_color[o.color]]
     crit["shape"] = float(bool(shapes_ok) and all(shapes_ok))
     sized = [o for o in scene.objects if o.size]
     if sized:
-        small = 10.5 * image_size / 32
+        small = _small_side(image_size)
         crit["size"] = float(all(all((f["side"] < small) == (o.size == "small") for f in by_color[o.color])
                                  for o in sized) and all(by_color[o.color] for o in sized))
     if scene.relation:
@@ -111,20 +123,21 @@ def _closeness(found: int, asked: int) -> float:
     return max(0.0, 1.0 - abs(found - asked) / asked)
 
 
-def dense_score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32) -> float:
+def dense_score(image: Union[Image.Image, np.ndarray], scene: Scene, image_size: int = 32,
+                found: Optional[list[dict]] = None) -> float:
     """A graded version of ``partial`` in [0, 1], 1 exactly where ``strict`` is 1 (for training, not evaluation).
 
     Each criterion gives partial credit instead of 0/1: ``count`` and ``color`` by how close the object counts are
     (``1 - |found - asked| / asked``, floored at 0), ``shape`` and ``size`` by the share of the prompt-colour objects
     that pass; ``relation`` stays 0/1. So a four-object prompt drawn as five scores more than one drawn as seven,
-    and a group of samples that all miss the strict count still carries a signal."""
-    found = detect(image)
-    by_color = {o.color: [f for f in found if f["color"] == o.color] for o in scene.objects}
+    and a group of samples that all miss the strict count still carries a signal. ``found``: as in ``score``."""
+    found = detect(image) if found is None else found
+    by_color = _by_color(found, scene)
     crit = [_closeness(len(found), scene.num_objects),
             float(np.mean([_closeness(len(by_color[o.color]), o.count) for o in scene.objects]))]
     shapes = [f["shape"] == o.shape for o in scene.objects for f in by_color[o.color]]
     crit.append(float(np.mean(shapes)) if shapes else 0.0)
-    sized = [(f["side"] < 10.5 * image_size / 32) == (o.size == "small") for o in scene.objects if o.size
+    sized = [(f["side"] < _small_side(image_size)) == (o.size == "small") for o in scene.objects if o.size
              for f in by_color[o.color]]
     if any(o.size for o in scene.objects):
         crit.append(float(np.mean(sized)) if sized else 0.0)
@@ -175,9 +188,11 @@ def dense_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     images = to_pil(media)
     if len(images) != len(prompts):
         raise ValueError(f"shapes_dense reward got {len(images)} images for {len(prompts)} prompts")
-    scenes = [parse_prompt(p) for p in prompts]
-    dense = [dense_score(img, sc, img.size[0]) for img, sc in zip(images, scenes)]
-    strict = [score(img, sc, img.size[0])["strict"] for img, sc in zip(images, scenes)]
+    dense, strict = [], []
+    for img, p in zip(images, prompts):
+        scene, found = parse_prompt(p), detect(img)  # one detection serves both scores
+        dense.append(dense_score(img, scene, img.size[0], found))
+        strict.append(score(img, scene, img.size[0], found)["strict"])
     return {"dense": torch.tensor(dense, dtype=torch.float32), "strict": torch.tensor(strict, dtype=torch.float32)}
 
 
