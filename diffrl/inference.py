@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +36,14 @@ def shapes_accuracy(images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
     for k in sorted(set(kinds)):
         out[f"accuracy_{k}"] = float(strict[[i for i, kk in enumerate(kinds) if kk == k]].mean())
     return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that at least one of ``k`` samples drawn without replacement from ``n`` samples, ``c`` of them
+    correct, is correct: ``1 - C(n - c, k) / C(n, k)`` (the unbiased pass@k estimator of Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
