@@ -36,12 +36,21 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: str, attention: str, devi
         raise ModelLoadError(f"model path {path!r} does not exist (build the tiny model with "
                              "`python scripts/pretrain_tiny.py`, or give a diffusers folder or hub id)")
     try:
-        pipe = pipeline_cls.from_pretrained(path, torch_dtype=DTYPES[dtype])
+        pipe = pipeline_cls.from_pretrained(path, **{_dtype_keyword(): DTYPES[dtype]})
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a {pipeline_cls.__name__} from {path!r}: {str(e).splitlines()[0]}") from None
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
     return pipe
+
+
+def _dtype_keyword() -> str:
+    """diffusers 0.40 renamed ``from_pretrained``'s ``torch_dtype`` to ``dtype`` (the old name warns); older
+    releases know only ``torch_dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 
 
 def _is_hub_id(path: str) -> bool:
