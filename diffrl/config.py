@@ -156,6 +156,9 @@ class DataConfig:
     eval_seeds: int = 1
     """Samples per held-out prompt, each from its own seed: the accuracy is over ``eval_size * eval_seeds`` samples
     (the shapes grammar has only 54 distinct count prompts, so more prompts would leave none to train on)."""
+    exclude_eval: bool = True
+    """Keep the evaluation prompts out of training. false: train on them too, e.g. to check that RL fits the one
+    prompt it trains on (``data.prompts`` and ``data.eval_prompts`` the same one-line file)."""
 
 
 @dataclass

@@ -84,7 +84,8 @@ def build(cfg: Config, out: Path) -> Run:
     return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
-               prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out), eval_prompts=held_out,
+               prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out if cfg.data.exclude_eval else ()),
+               eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
                explorer=explorer)
 

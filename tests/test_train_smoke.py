@@ -291,3 +291,18 @@ def test_held_out_evaluation_draws_eval_seeds_samples_per_prompt(tmp_path, monke
     assert seen == [run.eval_prompts * 3] and len(run.eval_prompts) == 4
     with pytest.raises(Exception, match="'data.eval_seeds' must be > 0"):
         tiny_cfg("data.eval_seeds=0")
+
+
+def test_exclude_eval_false_trains_on_the_evaluation_prompts(tmp_path):
+    """One prompt as both training and evaluation file: held out (the default), nothing is left to train on and the
+    error says so; with data.exclude_eval=false the run trains on exactly that prompt."""
+    from diffrl import trainer
+    from diffrl.prompts import PromptError
+
+    one = tmp_path / "one.txt"
+    one.write_text("two red circles\n")
+    files = [f"data.prompts={one}", f"data.eval_prompts={one}", "data.eval_size=1"]
+    with pytest.raises(PromptError, match="no prompts left once the held-out ones are excluded"):
+        trainer.build(tiny_cfg(*files), tmp_path / "a").prompts.at(0, 2)
+    run = trainer.build(tiny_cfg(*files, "data.exclude_eval=false"), tmp_path / "b")
+    assert run.prompts.at(0, 2) == ["two red circles"] * 2 and run.eval_prompts == ["two red circles"]
