@@ -66,7 +66,7 @@ def _guide(args: argparse.Namespace) -> int:
     import rewards
     from diffrl.adapters import shape_options
     from diffrl.guide import load_reference, sweep
-    from diffrl.inference import load_for_inference
+    from diffrl.inference import check_lora_path, load_for_inference
     from diffrl.prompts import eval_prompts
 
     if not args.lora and not args.reference_model:
@@ -76,9 +76,8 @@ def _guide(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.rl_only_steps < 0:
         print("diffrl: --steps must be >= 1 and --rl-only-steps >= 0", file=sys.stderr)
         return 2
-    if args.lora and not Path(args.lora).exists():
-        print(f"diffrl: --lora {args.lora!r} does not exist (a diffrl run writes it to RUN_DIR/lora)", file=sys.stderr)
-        return 2
+    if args.lora:
+        check_lora_path(args.lora)
     try:
         scorers = {name: rewards.load(name) for name in args.reward}
     except (ValueError, TypeError, ImportError) as e:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from diffrl.adapters.base import ModelLoadError
 from diffrl.rollout import tree_rollout
 from diffrl.tree import TreeSchedule, mix_seed
 
@@ -46,6 +48,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def check_lora_path(lora: str) -> None:
+    """A LoRA argument must be an existing folder (a run's ``RUN_DIR/lora``), not a hub id."""
+    if not Path(lora).is_dir():
+        raise ModelLoadError(f"--lora {lora!r} does not exist or is not a folder (a diffrl run writes it to RUN_DIR/lora)")
+
+
 def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
                        family: str = "sd3", resolution: Optional[int] = None, num_frames: Optional[int] = None):
     """An adapter of ``family`` for ``model`` with a diffusers-format LoRA folder loaded (and fused off: adapters
@@ -55,5 +63,15 @@ def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cp
     adapter = load_adapter_class(family).from_pretrained(model, device=device, dtype=dtype,
                                                          **shape_options(resolution, num_frames))
     if lora:
-        adapter.pipe.load_lora_weights(lora)
+        from diffusers.utils import logging as diffusers_logging
+
+        check_lora_path(lora)
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # diffrl's LoRAs hold no text-encoder keys: one notice per encoder
+        try:
+            adapter.pipe.load_lora_weights(lora)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the LoRA in {lora!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            diffusers_logging.set_verbosity(level)
     return adapter

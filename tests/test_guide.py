@@ -149,3 +149,15 @@ def test_every_family_guides_between_its_reference_and_its_lora(family):
     assert not _equal(base, tuned)
     assert _equal(guided_sample(ad, prompts, 5, 3, 3.0, torch.zeros(3)), base)
     assert _equal(guided_sample(ad, prompts, 5, 3, 3.0, torch.ones(3)), tuned)
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_a_missing_or_empty_lora_folder_is_one_sentence(command, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    extra = ["--n", "1"] if command == "eval" else ["--prompt", "a red circle", "--out", str(tmp_path / "g.png")]
+    assert main([command, "--model", MODEL, "--lora", str(tmp_path / "missing"), *extra]) == 2
+    assert "does not exist or is not a folder" in capsys.readouterr().err
+    assert main([command, "--model", MODEL, "--lora", str(empty), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the LoRA in" in err and "Traceback" not in err
