@@ -76,7 +76,7 @@ def _guide(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.rl_only_steps < 0:
         print("diffrl: --steps must be >= 1 and --rl-only-steps >= 0", file=sys.stderr)
         return 2
-    if args.lora:
+    if args.lora:  # before the reward models load; load_for_inference checks it again for sample and eval
         check_lora_path(args.lora)
     try:
         scorers = {name: rewards.load(name) for name in args.reward}

@@ -155,11 +155,17 @@ def to_pil(media) -> list[Image.Image]:
     return list(media)
 
 
-def shapes_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Reward: ``strict`` and ``partial`` scores, ``(batch,)`` float tensors."""
+def _images_for(media, prompts: Sequence[str], reward: str) -> list[Image.Image]:
+    """``to_pil(media)``, one image per prompt or a one-sentence error naming ``reward``."""
     images = to_pil(media)
     if len(images) != len(prompts):
-        raise ValueError(f"shapes reward got {len(images)} images for {len(prompts)} prompts")
+        raise ValueError(f"{reward} reward got {len(images)} images for {len(prompts)} prompts")
+    return images
+
+
+def shapes_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Reward: ``strict`` and ``partial`` scores, ``(batch,)`` float tensors."""
+    images = _images_for(media, prompts, "shapes")
     rows = [score(img, parse_prompt(p), img.size[0]) for img, p in zip(images, prompts)]
     return {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in ("strict", "partial")}
 
@@ -185,9 +191,7 @@ def build_partial(**options) -> "callable":
 
 def dense_reward(media, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Reward: ``dense`` (graded criteria, ``dense_score``) first, then ``strict``; ``(batch,)`` float tensors."""
-    images = to_pil(media)
-    if len(images) != len(prompts):
-        raise ValueError(f"shapes_dense reward got {len(images)} images for {len(prompts)} prompts")
+    images = _images_for(media, prompts, "shapes_dense")
     dense, strict = [], []
     for img, p in zip(images, prompts):
         scene, found = parse_prompt(p), detect(img)  # one detection serves both scores
