@@ -91,6 +91,16 @@ def parse_prompt(prompt: str) -> Scene:
     return Scene(kind, tuple(objs))
 
 
+def in_grammar(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is one of the shapes grammar's (so the verifier can score it)."""
+    try:
+        for prompt in prompts:
+            parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
 def random_scene(rng: random.Random, kind: Optional[str] = None) -> Scene:
     """A random scene of a kind (uniform over ``KINDS`` when None)."""
     kind = kind or rng.choice(KINDS)

@@ -35,6 +35,7 @@ from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples
+from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.update import ema_update, optimize
@@ -304,11 +305,11 @@ def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = Fal
 
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
-    """Held-out accuracy: the shapes verifier's strict score per kind (or the first reward's mean for other
-    prompts)."""
+    """Held-out accuracy: the shapes verifier's strict score per kind when every held-out prompt is in the shapes
+    grammar (generated or read from a file), else the first reward's mean."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
     images = sample_images(run, prompts, seed=999, reference=reference)
-    if run.cfg.data.eval_prompts.startswith("shapes"):
+    if in_grammar(run.eval_prompts):
         return shapes_accuracy(stills(images), prompts)
     name = next(iter(run.rewards))
     scores, valid = score_batch({name: run.rewards[name]}, images, prompts, run.cfg.train.reward_timeout_s)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffrl.config import load_config  # noqa: E402
 from diffrl.inference import load_for_inference, pass_at_k, sample  # noqa: E402
 from diffrl.prompts import eval_prompts  # noqa: E402
-from diffrl.shapes import parse_prompt  # noqa: E402
+from diffrl.shapes import in_grammar, parse_prompt  # noqa: E402
 from rewards.shapes import shapes_reward  # noqa: E402
 
 
@@ -35,9 +35,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=999)
     args = ap.parse_args()
     cfg = load_config(args.config)
-    if not cfg.data.eval_prompts.startswith("shapes"):
-        sys.exit(f"probe_headroom: {args.config}: data.eval_prompts must be a shapes source, got {cfg.data.eval_prompts!r}")
     prompts = eval_prompts(cfg.data.eval_prompts, args.prompts or cfg.data.eval_size)
+    if not in_grammar(prompts):
+        sys.exit(f"probe_headroom: {args.config}: data.eval_prompts {cfg.data.eval_prompts!r} holds prompts outside "
+                 "the shapes grammar, which the verifier cannot score")
     adapter = load_for_inference(cfg.model.path, args.lora)
     t0 = time.time()
     repeated = prompts * args.n  # sample j * len(prompts) + i is prompt i's j-th seed, as in the trainer

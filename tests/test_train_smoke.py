@@ -306,3 +306,26 @@ def test_exclude_eval_false_trains_on_the_evaluation_prompts(tmp_path):
         trainer.build(tiny_cfg(*files), tmp_path / "a").prompts.at(0, 2)
     run = trainer.build(tiny_cfg(*files, "data.exclude_eval=false"), tmp_path / "b")
     assert run.prompts.at(0, 2) == ["two red circles"] * 2 and run.eval_prompts == ["two red circles"]
+
+
+def test_held_out_prompt_files_in_the_grammar_are_scored_by_the_strict_verifier(tmp_path, monkeypatch):
+    """A held-out prompt file whose every line is a shapes-grammar prompt is scored like the generated ones (the
+    verifier's strict score, per kind); one line outside the grammar and the first reward's mean is used instead."""
+    from diffrl import trainer
+    from rewards.shapes import shapes_reward
+
+    images = torch.rand(2, 3, 32, 32)
+    monkeypatch.setattr(trainer, "sample", lambda adapter, prompts, *a, **k: images[: len(prompts)])
+    grammar = tmp_path / "grammar.txt"
+    grammar.write_text("two red circles\na blue square above a green triangle\n")
+    run = trainer.build(tiny_cfg(f"data.eval_prompts={grammar}", "data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false"),
+                        tmp_path / "a")
+    strict = shapes_reward(images, run.eval_prompts)["strict"]
+    assert trainer.evaluate(run) == {"accuracy": float(strict.mean()), "accuracy_count": float(strict[0]),
+                                     "accuracy_relation": float(strict[1])}
+    free = tmp_path / "free.txt"
+    free.write_text("two red circles\na photo of a cat\n")
+    run = trainer.build(tiny_cfg(f"data.eval_prompts={free}", "data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false", BRIGHT),
+                        tmp_path / "b")
+    result = trainer.evaluate(run)
+    assert result == {"accuracy": pytest.approx(float(images.flatten(1).mean()))}
