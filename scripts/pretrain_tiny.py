@@ -11,7 +11,8 @@ scores higher. Every step
 draws fresh scenes from the seeded shapes grammar. Finally it scores 20-step samples per prompt kind with the
 shapes verifier and writes the model card.
 
-    python scripts/pretrain_tiny.py --out assets/tiny-sd3-shapes            # the shipped model (about 37 min on 2 cores)
+    python scripts/pretrain_tiny.py --out assets/tiny-sd3-shapes            # the shipped model's first run (about 39 min
+                                                                            # on 2 cores; its card lists the --init runs after it)
     python scripts/pretrain_tiny.py --out /tmp/t --vae-steps 20 --steps 20  # smoke run
 """
 from __future__ import annotations
