@@ -316,16 +316,14 @@ def test_held_out_prompt_files_in_the_grammar_are_scored_by_the_strict_verifier(
 
     images = torch.rand(2, 3, 32, 32)
     monkeypatch.setattr(trainer, "sample", lambda adapter, prompts, *a, **k: images[: len(prompts)])
+    two = ("data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false")
     grammar = tmp_path / "grammar.txt"
     grammar.write_text("two red circles\na blue square above a green triangle\n")
-    run = trainer.build(tiny_cfg(f"data.eval_prompts={grammar}", "data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false"),
-                        tmp_path / "a")
+    run = trainer.build(tiny_cfg(f"data.eval_prompts={grammar}", *two), tmp_path / "a")
     strict = shapes_reward(images, run.eval_prompts)["strict"]
     assert trainer.evaluate(run) == {"accuracy": float(strict.mean()), "accuracy_count": float(strict[0]),
                                      "accuracy_relation": float(strict[1])}
     free = tmp_path / "free.txt"
     free.write_text("two red circles\na photo of a cat\n")
-    run = trainer.build(tiny_cfg(f"data.eval_prompts={free}", "data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false", BRIGHT),
-                        tmp_path / "b")
-    result = trainer.evaluate(run)
-    assert result == {"accuracy": pytest.approx(float(images.flatten(1).mean()))}
+    run = trainer.build(tiny_cfg(f"data.eval_prompts={free}", *two, BRIGHT), tmp_path / "b")
+    assert trainer.evaluate(run) == {"accuracy": pytest.approx(float(images.flatten(1).mean()))}
