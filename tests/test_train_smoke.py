@@ -59,7 +59,7 @@ def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(
         leaf_r, valid, _ = trainer.score(run, batch)
         trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, 0))
     after = float(trainer.collect(run, 0).images.mean())
-    assert sign * (after - before) > 0.03 * before  # same seeds, so no sampling noise: 5-10% measured on v4
+    assert sign * (after - before) > 0.05 * before  # same seeds, so no sampling noise: 5.5-10% measured on v4
 
 
 def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path):
