@@ -90,7 +90,7 @@ def main() -> None:
              lambda: trainer_gradients(args.config, args.overrides, args.batches))]
     if args.toy:
         jobs.append(("diffrl toy (tree GRPO)", lambda: toy_gradients(args.batches)))
-    print(f"| run | samples / batch | parameters | rho (jackknife s.e.) | pairwise cos | batches for a 45-degree gradient | s |")
+    print("| run | samples / batch | parameters | rho (jackknife s.e.) | pairwise cos | batches for a 45-degree gradient | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, job in jobs:
         t0 = time.time()
