@@ -125,14 +125,27 @@ def edge_advantages(cfg: ToyConfig, schedule: TreeSchedule, tr: Transitions, lea
     return node_adv[tr.tree, tr.child]
 
 
+def collect(cfg: ToyConfig, policy: nn.Module, schedule: TreeSchedule, sigmas: Tensor,
+            seeds: list[int]) -> tuple[Transitions, Tensor, Tensor, int]:
+    """Roll out one tree per seed and score it: the trained edges, their advantages ``[E]``, the leaf rewards
+    ``[trees, leaves]`` and the rollout's NFE."""
+    with torch.no_grad():
+        ro = tree_rollout(lambda x, s: policy(x, s), schedule, sigmas, seeds, (2,), kind=cfg.kind,
+                          noise_level=cfg.noise_level)
+    leaf_rewards = reward(ro.leaves.reshape(-1, 2)).reshape(len(seeds), schedule.num_leaves)
+    adv = edge_advantages(cfg, schedule, ro.transitions, leaf_rewards)
+    keep = trained_edges(ro.transitions)
+    return ro.transitions.index(keep), adv[keep], leaf_rewards, ro.nfe
+
+
 def optimize(cfg: ToyConfig, policy: nn.Module, ref: nn.Module, opt: torch.optim.Optimizer, tr: Transitions,
              adv: Tensor) -> dict[str, float]:
     """``inner_epochs`` clipped-ratio updates on the trained edges; returns the first epoch's stats (ratio = 1)."""
     with torch.no_grad():
-        ref_mean = _rescore(cfg, ref, tr).mean
+        ref_mean = rescore(cfg, ref, tr).mean
     first: dict[str, float] = {}
     for epoch in range(cfg.inner_epochs):
-        out = _rescore(cfg, policy, tr)
+        out = rescore(cfg, policy, tr)
         loss, stats = policy_loss(out.log_prob, tr.log_prob, adv, clip_range=cfg.clip_range, num_elements=2,
                                   kl_weight=cfg.kl_weight, mean=out.mean, ref_mean=ref_mean, std=tr.std)
         opt.zero_grad()
@@ -143,7 +156,8 @@ def optimize(cfg: ToyConfig, policy: nn.Module, ref: nn.Module, opt: torch.optim
     return first
 
 
-def _rescore(cfg: ToyConfig, model: nn.Module, tr: Transitions):
+def rescore(cfg: ToyConfig, model: nn.Module, tr: Transitions):
+    """Re-score recorded transitions under ``model`` (with grad): their ``StepOut``."""
     v = model(tr.x, tr.sigma)
     return sde_step(tr.x, v, tr.sigma, tr.sigma_next, kind=cfg.kind, noise_level=cfg.noise_level,
                     x_next=tr.x_next, noise_scale=tr.noise_scale)
@@ -163,14 +177,9 @@ def run(cfg: ToyConfig, log: Optional[callable] = print) -> dict:
     for it in tqdm(range(cfg.iterations), desc="RL (tree GRPO)" if not cfg.flat else "RL (flat GRPO)"):
         n_trees = cfg.trees * cfg.group if cfg.flat else cfg.trees
         seeds = [cfg.seed * 10**6 + it * n_trees + t for t in range(n_trees)]
-        with torch.no_grad():
-            ro = tree_rollout(lambda x, s: policy(x, s), schedule, sigmas, seeds, (2,), kind=cfg.kind,
-                              noise_level=cfg.noise_level)
-        leaf_rewards = reward(ro.leaves.reshape(-1, 2)).reshape(n_trees, schedule.num_leaves)
-        adv = edge_advantages(cfg, schedule, ro.transitions, leaf_rewards)
-        keep = trained_edges(ro.transitions)
-        stats = optimize(cfg, policy, ref, opt, ro.transitions.index(keep), adv[keep])
-        history.append({"iteration": it, "reward": float(leaf_rewards.mean()), "nfe": ro.nfe, **stats})
+        tr, adv, leaf_rewards, nfe = collect(cfg, policy, schedule, sigmas, seeds)
+        stats = optimize(cfg, policy, ref, opt, tr, adv)
+        history.append({"iteration": it, "reward": float(leaf_rewards.mean()), "nfe": nfe, **stats})
     after = sample(policy, cfg.eval_samples, cfg.num_steps, seed=10**6)
     summary = _summarize(cfg, before, after, history)
     _write_outputs(out, cfg, history, summary, before, after)

@@ -27,9 +27,7 @@ from diffrl import toy  # noqa: E402
 from diffrl.config import load_config  # noqa: E402
 from diffrl.diagnostics import gradient_agreement  # noqa: E402
 from diffrl.loss import policy_loss  # noqa: E402
-from diffrl.rollout import trained_edges, tree_rollout  # noqa: E402
 from diffrl.schedule import flow_sigmas  # noqa: E402
-from diffrl.sde import sde_step  # noqa: E402
 from diffrl.tree import TreeSchedule  # noqa: E402
 
 
@@ -59,17 +57,9 @@ def toy_gradients(batches: int) -> tuple[torch.Tensor, int]:
     schedule, sigmas = TreeSchedule(cfg.num_steps, cfg.split_steps), flow_sigmas(cfg.num_steps)
     grads = []
     for b in range(batches):
-        seeds = [10**7 + b * cfg.trees + t for t in range(cfg.trees)]
-        with torch.no_grad():
-            ro = tree_rollout(lambda x, s: policy(x, s), schedule, sigmas, seeds, (2,), kind=cfg.kind,
-                              noise_level=cfg.noise_level)
-        leaf_r = toy.reward(ro.leaves.reshape(-1, 2)).reshape(cfg.trees, schedule.num_leaves)
-        adv = toy.edge_advantages(cfg, schedule, ro.transitions, leaf_r)
-        keep = trained_edges(ro.transitions)
-        tr = ro.transitions.index(keep)
-        out = sde_step(tr.x, policy(tr.x, tr.sigma), tr.sigma, tr.sigma_next, kind=cfg.kind,
-                       noise_level=cfg.noise_level, x_next=tr.x_next, noise_scale=tr.noise_scale)
-        loss, _ = policy_loss(out.log_prob, tr.log_prob, adv[keep], clip_range=cfg.clip_range, num_elements=2)
+        tr, adv, _, _ = toy.collect(cfg, policy, schedule, sigmas, [10**7 + b * cfg.trees + t for t in range(cfg.trees)])
+        out = toy.rescore(cfg, policy, tr)
+        loss, _ = policy_loss(out.log_prob, tr.log_prob, adv, clip_range=cfg.clip_range, num_elements=2)
         policy.zero_grad()
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]).clone())
