@@ -33,6 +33,8 @@ from diffrl.adapters.tiny import T5_LEN, tiny_sd3_pipeline
 from diffrl.shapes import KINDS, prompt_of, random_scene, render
 from rewards.shapes import shapes_reward
 
+RL_EVAL_N = 512
+
 
 def batch(rng: random.Random, n: int) -> tuple[list[str], torch.Tensor]:
     """``n`` fresh (prompt, image) pairs; images ``[n, 3, 32, 32]`` in [-1, 1]."""
@@ -130,6 +132,18 @@ def evaluate(pipe, n_per_kind: int, seed: int, guidance: float = 4.5, steps: int
     return out
 
 
+def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N) -> dict[str, float]:
+    """Strict accuracy of the saved model on the ``n`` held-out count/relation prompts RL is evaluated on, scored as
+    ``diffrl eval --model DIR --n n`` scores them (same prompts, sampler and seed)."""
+    from diffrl.inference import load_for_inference, sample, shapes_accuracy
+    from diffrl.prompts import eval_prompts
+    from diffrl.viz import stills
+
+    adapter = load_for_inference(str(model_dir))
+    prompts = eval_prompts("shapes:count,relation", n)
+    return shapes_accuracy(stills(sample(adapter, prompts, seed=999, steps=20, guidance=4.5)), prompts)
+
+
 def _run_line(i: int, run: dict) -> str:
     a = run["args"]
     what = (f"the VAE for {a['vae_steps']} steps, then " if not a.get("init") else "continued: ")
@@ -147,7 +161,8 @@ def _command(run: dict, out: str) -> str:
 
 def write_card(out: Path, card: dict) -> None:
     """The model card: how the model was trained (every run that built it) and its measured base scores."""
-    a, sc, history = card["args"], card["base_scores"], card["history"]
+    a, sc, history, rl = card["args"], card["base_scores"], card["history"], card["rl_eval"]
+    rl_n = card.get("rl_eval_n", RL_EVAL_N)
     rows = "\n".join(f"| {k} | {sc[f'{k}_strict']:.2f} | {sc[f'{k}_partial']:.2f} |" for k in KINDS)
     steps = sum(r["args"]["steps"] for r in history)
     minutes = sum(r["train_s"] for r in history) / 60
@@ -180,7 +195,27 @@ guidance 4.5, seed {a["seed"]}:
 | prompt kind | strict | partial |
 |---|---|---|
 {rows}
+
+On the count/relation prompts RL is evaluated on (`diffrl eval --model assets/tiny-sd3-shapes --n {rl_n}`): strict
+{rl["accuracy"]:.3f} on {rl_n} prompts (count {rl["accuracy_count"]:.3f}, relation {rl["accuracy_relation"]:.3f}).
+`python scripts/probe_headroom.py` measures pass@k of the base on the main job's held-out prompts.
+
+**Status.** An RL starting point: single objects should be mostly right and counts and relations mostly wrong (the
+strict scores above). What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl README
+("Status of the embedded model").
 """)
+
+
+def rewrite_card(out: Path) -> None:
+    """Re-score a saved model on the RL evaluation prompts and rewrite ``training.json`` and the card from it."""
+    path = out / "training.json"
+    if not path.is_file():
+        raise SystemExit(f"pretrain_tiny: {path} does not exist: --rewrite-card needs a model this script saved")
+    card = json.loads(path.read_text())
+    card["rl_eval"], card["rl_eval_n"] = rl_eval_scores(out), RL_EVAL_N
+    path.write_text(json.dumps(card, indent=2))
+    write_card(out, card)
+    print(json.dumps(card["rl_eval"]))
 
 
 def main() -> None:
@@ -195,7 +230,12 @@ def main() -> None:
     ap.add_argument("--vae-only", action="store_true", help="train and check the VAE, then stop")
     ap.add_argument("--init", help="continue training this saved model (its VAE is kept)")
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% over the run")
+    ap.add_argument("--rewrite-card", action="store_true",
+                    help="re-score the model at --out on the RL evaluation prompts and rewrite its card; no training")
     args = ap.parse_args()
+    if args.rewrite_card:
+        rewrite_card(Path(args.out))
+        return
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     t0 = time.time()
@@ -233,7 +273,8 @@ def main() -> None:
     pipe.save_pretrained(out)
     run = {"args": vars(args), "train_s": round(train_s, 1), "weights": chosen, "selection": selection}
     card = {**run, "history": history + [run], "torch": torch.__version__, "vae_reconstruction_strict": vae_acc,
-            "base_scores": scores, "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())}
+            "base_scores": scores, "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
+            "rl_eval": rl_eval_scores(out), "rl_eval_n": RL_EVAL_N}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     write_card(out, card)
     print(json.dumps(card))
