@@ -4,16 +4,20 @@ For a training config, rolls out ``--batches`` independent batches (steps 0, 1, 
 and seeds, ``train.prompts_per_step`` prompts each), scores them and computes the clipped-ratio policy gradient of
 each at the starting weights, exactly as the trainer's first update would (no KL term, no gradient clipping, no
 optimizer step). ``diffrl.diagnostics.gradient_agreement`` turns them into rho, the signal share of one batch's
-gradient, and the number of batches a gradient needs before its direction is mostly signal. ``--toy`` measures the
-same for ``diffrl toy`` (the 2-D flow model where RL visibly works) in the same run. Ends with one JSON line.
+gradient, and the number of batches a gradient needs before its direction is mostly signal. ``--vs "key=value ..."``
+(repeatable) adds a row for the same config with those overrides on top, measured in the same run, and every row
+states its rho as a ratio to the first row's. ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model
+where RL visibly works) in the same run. Ends with one JSON line.
 
-    python scripts/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy] [key=value ...]
+    python scripts/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy]
+        [--vs "train.objective=nft train.advantage=grpo" ...] [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -71,26 +75,36 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny_shapes.yaml")
     ap.add_argument("--batches", type=int, default=12, help="independent rollout batches (at least 2)")
     ap.add_argument("--toy", action="store_true", help="also measure diffrl toy's tree GRPO")
+    ap.add_argument("--vs", action="append", default=[], metavar="OVERRIDES",
+                    help="a quoted list of key=value overrides for another row of the same config (repeatable)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args()
     if args.batches < 2:
         sys.exit(f"probe_gradient_snr: --batches must be at least 2 (two batches to compare), got {args.batches}")
     rows = {}
-    jobs = [(f"{args.config} {' '.join(args.overrides)}".strip(),
-             lambda: trainer_gradients(args.config, args.overrides, args.batches))]
+    jobs = []
+    for extra in [[]] + [shlex.split(v) for v in args.vs]:
+        overrides = args.overrides + extra
+        jobs.append((f"{args.config} {' '.join(overrides)}".strip(),
+                     lambda o=overrides: trainer_gradients(args.config, o, args.batches)))
     if args.toy:
         jobs.append(("diffrl toy (tree GRPO)", lambda: toy_gradients(args.batches)))
-    print("| run | samples / batch | parameters | rho (jackknife s.e.) | pairwise cos | batches for a 45-degree gradient | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| run | samples / batch | parameters | rho (jackknife s.e.) | rho / first row's | pairwise cos | "
+          "batches for a 45-degree gradient | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    first = None
     for name, job in jobs:
         t0 = time.time()
         grads, samples = job()
         a = gradient_agreement(grads)
+        first = a["rho"] if first is None else first
+        ratio = a["rho"] / first if first > 0 else None
         rows[name] = {**a, "batches_for_45deg": a["batches_for_45deg"] if a["rho"] > 0 else None,
-                      "samples_per_batch": samples, "parameters": grads.shape[1], "batches": args.batches,
-                      "seconds": round(time.time() - t0, 1)}
-        print(f"| {name} | {samples} | {grads.shape[1]} | {a['rho']:+.4f} ({a['rho_se']:.4f}) | {a['pairwise_cos']:+.4f} | "
-              f"{a['batches_for_45deg']:.0f} | {time.time() - t0:.0f} |", flush=True)
+                      "rho_vs_first": ratio, "samples_per_batch": samples, "parameters": grads.shape[1],
+                      "batches": args.batches, "seconds": round(time.time() - t0, 1)}
+        shown = "-" if ratio is None else f"{ratio:.2f}"
+        print(f"| {name} | {samples} | {grads.shape[1]} | {a['rho']:+.4f} ({a['rho_se']:.4f}) | {shown} | "
+              f"{a['pairwise_cos']:+.4f} | {a['batches_for_45deg']:.0f} | {time.time() - t0:.0f} |", flush=True)
     print(json.dumps({"rows": rows}))
 
 

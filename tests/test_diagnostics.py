@@ -57,13 +57,22 @@ def test_pure_noise_needs_infinitely_many_batches_and_bad_shapes_raise():
 
 
 def test_gradient_snr_probe_ends_with_its_json():
+    vs = "train.objective=nft train.advantage=grpo"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "3", "--toy",
-                           *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
+                           "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
-    assert len(rows) == 2 and "diffrl toy (tree GRPO)" in rows
+    assert len(rows) == 3 and "diffrl toy (tree GRPO)" in rows
+    first, nft = [r for name, r in rows.items() if name.startswith("configs/")]
+    assert nft["parameters"] == first["parameters"]  # the same LoRA, another objective
+    assert list(rows)[1].endswith(vs)  # the --vs row: the common overrides, then its own
     for r in rows.values():
         assert -1 <= r["rho"] <= 1 and r["batches"] == 3 and r["parameters"] > 0
+        if first["rho"] > 0:
+            assert r["rho_vs_first"] == pytest.approx(r["rho"] / first["rho"])
+        else:
+            assert r["rho_vs_first"] is None
     assert rows["diffrl toy (tree GRPO)"]["samples_per_batch"] == 64
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "1"],
                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=60, cwd=ROOT)
