@@ -48,14 +48,13 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from diffrl.inference import load_for_inference, sample, shapes_accuracy
+    from diffrl.inference import eval_accuracy, load_for_inference
     from diffrl.prompts import eval_prompts
-    from diffrl.viz import stills
 
     adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
                                  num_frames=args.num_frames)
     prompts = eval_prompts(args.prompts, args.n)
-    result = shapes_accuracy(stills(sample(adapter, prompts, args.seed, args.steps, args.guidance)), prompts)
+    result = eval_accuracy(adapter, prompts, args.seed, args.steps, args.guidance)
     print(json.dumps(result))
     return 0
 
@@ -128,14 +127,16 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
+    from diffrl.inference import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS
+
     p.add_argument("--model", default="assets/tiny-sd3-shapes", help="diffusers folder or hub id")
     p.add_argument("--lora", help="LoRA folder written by diffrl train (run_dir/lora)")
     p.add_argument("--family", default="sd3", help="model family adapter: sd3, flux, sana, wan (default sd3)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's)")
     p.add_argument("--num-frames", type=int, help="video families: frames per clip (grids show the middle frame)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=999)
+    p.add_argument("--steps", type=int, default=EVAL_STEPS)
+    p.add_argument("--guidance", type=float, default=EVAL_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--device", default="cpu")
 
 

@@ -27,6 +27,19 @@ def sample(adapter, prompts: Sequence[str], seed: int, steps: int, guidance: flo
     return adapter.decode(ro.leaves.flatten(0, 1))
 
 
+EVAL_SEED, EVAL_STEPS, EVAL_GUIDANCE = 999, 20, 4.5
+"""``diffrl eval``'s defaults: the seed, Euler steps and guidance scale of its deterministic sampler."""
+
+
+def eval_accuracy(adapter, prompts: Sequence[str], seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
+                  guidance: float = EVAL_GUIDANCE) -> dict[str, float]:
+    """What ``diffrl eval`` prints: verifier strict accuracy, overall and per kind, of one deterministic sample per
+    prompt."""
+    from diffrl.viz import stills
+
+    return shapes_accuracy(stills(sample(adapter, prompts, seed, steps, guidance)), prompts)
+
+
 def shapes_accuracy(images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
     """Verifier strict accuracy overall and per prompt kind."""
     from diffrl.shapes import parse_prompt

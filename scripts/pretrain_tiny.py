@@ -135,13 +135,10 @@ def evaluate(pipe, n_per_kind: int, seed: int, guidance: float = 4.5, steps: int
 def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N) -> dict[str, float]:
     """Strict accuracy of the saved model on the ``n`` held-out count/relation prompts RL is evaluated on, scored as
     ``diffrl eval --model DIR --n n`` scores them (same prompts, sampler and seed)."""
-    from diffrl.inference import load_for_inference, sample, shapes_accuracy
+    from diffrl.inference import eval_accuracy, load_for_inference
     from diffrl.prompts import eval_prompts
-    from diffrl.viz import stills
 
-    adapter = load_for_inference(str(model_dir))
-    prompts = eval_prompts("shapes:count,relation", n)
-    return shapes_accuracy(stills(sample(adapter, prompts, seed=999, steps=20, guidance=4.5)), prompts)
+    return eval_accuracy(load_for_inference(str(model_dir)), eval_prompts("shapes:count,relation", n))
 
 
 def _run_line(i: int, run: dict) -> str:
@@ -162,7 +159,7 @@ def _command(run: dict, out: str) -> str:
 def write_card(out: Path, card: dict) -> None:
     """The model card: how the model was trained (every run that built it) and its measured base scores."""
     a, sc, history, rl = card["args"], card["base_scores"], card["history"], card["rl_eval"]
-    rl_n = card.get("rl_eval_n", RL_EVAL_N)
+    rl_n = card["rl_eval_n"]
     rows = "\n".join(f"| {k} | {sc[f'{k}_strict']:.2f} | {sc[f'{k}_partial']:.2f} |" for k in KINDS)
     steps = sum(r["args"]["steps"] for r in history)
     minutes = sum(r["train_s"] for r in history) / 60
