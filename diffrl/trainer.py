@@ -29,7 +29,7 @@ from diffrl.advantages import (
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import barrier, gather_rows, setup
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
-from diffrl.inference import sample, shapes_accuracy
+from diffrl.inference import EVAL_SEED, sample, shapes_accuracy
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
@@ -308,7 +308,7 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     """Held-out accuracy: the shapes verifier's strict score per kind when every held-out prompt is in the shapes
     grammar (generated or read from a file), else the first reward's mean."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
-    images = sample_images(run, prompts, seed=999, reference=reference)
+    images = sample_images(run, prompts, seed=EVAL_SEED, reference=reference)
     if in_grammar(run.eval_prompts):
         return shapes_accuracy(stills(images), prompts)
     name = next(iter(run.rewards))

@@ -48,10 +48,11 @@ def finite(x: float, digits: int = 4) -> Optional[float]:
 
 
 def policy_reward(trainer, run, prompts: list[str]) -> float:
-    """Mean first-reward of the policy's deterministic samples of ``prompts`` (seed 999)."""
+    """Mean first-reward of the policy's deterministic samples of ``prompts`` (the evaluation seed)."""
+    from diffrl.inference import EVAL_SEED
     from diffrl.scoring import score_batch
 
-    images = trainer.sample_images(run, prompts, seed=999)
+    images = trainer.sample_images(run, prompts, seed=EVAL_SEED)
     name = next(iter(run.rewards))
     scores, valid = score_batch({name: run.rewards[name]}, images, prompts)
     return float(scores[name][valid].mean())

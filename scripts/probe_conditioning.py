@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffrl.inference import load_for_inference, sample  # noqa: E402
+from diffrl.inference import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, load_for_inference, sample  # noqa: E402
 from diffrl.shapes import prompt_of, random_scene  # noqa: E402
 from rewards.shapes import _relation_holds, detect, to_pil  # noqa: E402
 
@@ -64,9 +64,9 @@ def main() -> None:
     ap.add_argument("--model", default="assets/tiny-sd3-shapes")
     ap.add_argument("--lora")
     ap.add_argument("--n", type=int, default=96, help="prompts of each kind")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.5)
-    ap.add_argument("--seed", type=int, default=999)
+    ap.add_argument("--steps", type=int, default=EVAL_STEPS)
+    ap.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED)
     args = ap.parse_args()
     adapter = load_for_inference(args.model, args.lora)
     table = count_table(adapter, args.n, args)

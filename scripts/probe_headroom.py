@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffrl.config import load_config  # noqa: E402
-from diffrl.inference import load_for_inference, pass_at_k, sample  # noqa: E402
+from diffrl.inference import EVAL_SEED, load_for_inference, pass_at_k, sample  # noqa: E402
 from diffrl.prompts import eval_prompts  # noqa: E402
 from diffrl.shapes import in_grammar, parse_prompt  # noqa: E402
 from rewards.shapes import shapes_reward  # noqa: E402
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--lora")
     ap.add_argument("--n", type=int, default=16, help="samples per prompt, each from its own seed")
     ap.add_argument("--prompts", type=int, help="held-out prompts (default: the config's data.eval_size)")
-    ap.add_argument("--seed", type=int, default=999)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED)
     args = ap.parse_args()
     cfg = load_config(args.config)
     prompts = eval_prompts(cfg.data.eval_prompts, args.prompts or cfg.data.eval_size)
