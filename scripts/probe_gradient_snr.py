@@ -6,11 +6,12 @@ each at the starting weights, exactly as the trainer's first update would (no KL
 optimizer step). ``diffrl.diagnostics.gradient_agreement`` turns them into rho, the signal share of one batch's
 gradient, and the number of batches a gradient needs before its direction is mostly signal. ``--vs "key=value ..."``
 (repeatable) adds a row for the same config with those overrides on top, measured in the same run, and every row
-states its rho as a ratio to the first row's. ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model
+states its rho as a ratio to the first row's. ``--by-module`` also measures rho over each group of the LoRA's parameters alone, by transformer block
+and by adapted projection (where in the model the signal lives, to choose ``model.lora_targets``). ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model
 where RL visibly works) in the same run. Ends with one JSON line.
 
     python scripts/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy]
-        [--vs "train.objective=nft train.advantage=grpo" ...] [key=value ...]
+        [--vs "train.objective=nft train.advantage=grpo" ...] [--by-module] [key=value ...]
 """
 from __future__ import annotations
 
@@ -35,23 +36,45 @@ from diffrl.schedule import flow_sigmas  # noqa: E402
 from diffrl.tree import TreeSchedule  # noqa: E402
 
 
-def trainer_gradients(config: str, overrides: list[str], batches: int) -> tuple[torch.Tensor, int]:
-    """``[batches, P]`` policy gradients of the config's first update, one per independent batch; samples per batch."""
+def trainer_gradients(config: str, overrides: list[str], batches: int) -> tuple[torch.Tensor, int, list[tuple[str, int]]]:
+    """``[batches, P]`` policy gradients of the config's first update, one per independent batch; samples per batch;
+    the (name, size) of each trained parameter tensor in the gradients' order."""
     from diffrl import trainer
 
     cfg = load_config(config, overrides + ["train.kl_weight=0", "train.max_grad_norm=1e30", "log.tensorboard=false"])
     with TemporaryDirectory() as tmp:
         run = trainer.build(cfg, Path(tmp))
-        params = run.adapter.trainable_parameters()
+        named = [(f"{key}.{n}", p) for key, module in run.adapter.denoisers.items()
+                 for n, p in module.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         run.optimizer = torch.optim.SGD(params, lr=0.0)  # gradients only: the weights stay where they start
         grads, samples = [], 0
         for step in range(batches):
             batch = trainer.collect(run, step)
             leaf_r, valid, _ = trainer.score(run, batch)
             trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, step))
-            grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
+            grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                    for p in params]).clone())
             samples = len(batch.images)
-    return torch.stack(grads), samples
+    return torch.stack(grads), samples, [(n, p.numel()) for n, p in named]
+
+
+def module_groups(sizes: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """Gradient coordinates ``{group: indices}`` of each transformer block (``block N``) and each adapted projection
+    (``proj NAME``, the module a LoRA pair sits on, over all blocks), from (parameter name, size) in order."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    start = 0
+    for name, size in sizes:
+        idx = torch.arange(start, start + size)
+        start += size
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.startswith("lora_")), len(parts) - 1)
+        b = next((i for i, p in enumerate(parts[:cut]) if p.endswith("blocks")), None)
+        module = parts[b + 2:cut] if b is not None else parts[1:cut]
+        keys = [f"proj {'.'.join(module)}"] + ([f"block {parts[b + 1]}"] if b is not None else [])
+        for key in keys:
+            groups.setdefault(key, []).append(idx)
+    return {k: torch.cat(v) for k, v in sorted(groups.items())}
 
 
 def toy_gradients(batches: int) -> tuple[torch.Tensor, int]:
@@ -77,6 +100,8 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true", help="also measure diffrl toy's tree GRPO")
     ap.add_argument("--vs", action="append", default=[], metavar="OVERRIDES",
                     help="a quoted list of key=value overrides for another row of the same config (repeatable)")
+    ap.add_argument("--by-module", action="store_true",
+                    help="also rho of each transformer block's and each adapted projection's parameters alone")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args()
     if args.batches < 2:
@@ -88,14 +113,14 @@ def main() -> None:
         jobs.append((f"{args.config} {' '.join(overrides)}".strip(),
                      lambda o=overrides: trainer_gradients(args.config, o, args.batches)))
     if args.toy:
-        jobs.append(("diffrl toy (tree GRPO)", lambda: toy_gradients(args.batches)))
+        jobs.append(("diffrl toy (tree GRPO)", lambda: (*toy_gradients(args.batches), None)))
     print("| run | samples / batch | parameters | rho (jackknife s.e.) | rho / first row's | pairwise cos | "
           "batches for a 45-degree gradient | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     first = None
     for name, job in jobs:
         t0 = time.time()
-        grads, samples = job()
+        grads, samples, sizes = job()
         a = gradient_agreement(grads)
         first = a["rho"] if first is None else first
         ratio = a["rho"] / first if first > 0 else None
@@ -105,7 +130,23 @@ def main() -> None:
         shown = "-" if ratio is None else f"{ratio:.2f}"
         print(f"| {name} | {samples} | {grads.shape[1]} | {a['rho']:+.4f} ({a['rho_se']:.4f}) | {shown} | "
               f"{a['pairwise_cos']:+.4f} | {a['batches_for_45deg']:.0f} | {time.time() - t0:.0f} |", flush=True)
+        if args.by_module and sizes is not None:
+            rows[name]["by_module"] = by_module(grads, sizes, name)
     print(json.dumps({"rows": rows}))
+
+
+def by_module(grads: torch.Tensor, sizes: list[tuple[str, int]], name: str) -> dict[str, dict]:
+    """rho of each module group's coordinates alone (``module_groups``), printed as a table and returned."""
+    out = {}
+    print(f"by module, {name}:\n| parameters of | parameters | share of |g|^2 | rho (jackknife s.e.) |\n|---|---:|---:|---:|")
+    total = float(grads.double().square().sum())
+    for key, idx in module_groups(sizes).items():
+        g = grads[:, idx]
+        a = gradient_agreement(g)
+        share = float(g.double().square().sum()) / total if total > 0 else 0.0
+        out[key] = {"rho": a["rho"], "rho_se": a["rho_se"], "parameters": len(idx), "grad_share": share}
+        print(f"| {key} | {len(idx)} | {share:.3f} | {a['rho']:+.4f} ({a['rho_se']:.4f}) |", flush=True)
+    return out
 
 
 if __name__ == "__main__":

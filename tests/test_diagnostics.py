@@ -59,7 +59,7 @@ def test_pure_noise_needs_infinitely_many_batches_and_bad_shapes_raise():
 def test_gradient_snr_probe_ends_with_its_json():
     vs = "train.objective=nft train.advantage=grpo"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "3", "--toy",
-                           "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
+                           "--by-module", "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
@@ -74,6 +74,12 @@ def test_gradient_snr_probe_ends_with_its_json():
         else:
             assert r["rho_vs_first"] is None
     assert rows["diffrl toy (tree GRPO)"]["samples_per_batch"] == 64
+    groups = first["by_module"]  # every LoRA tensor sits in one block and on one projection: each split is a partition
+    for kind in ("block ", "proj "):
+        part = [g for key, g in groups.items() if key.startswith(kind)]
+        assert len(part) >= 2 and sum(g["parameters"] for g in part) == first["parameters"]
+        assert sum(g["grad_share"] for g in part) == pytest.approx(1.0)
+    assert {"proj attn.to_q", "proj attn.to_out.0"} <= set(groups)
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "1"],
                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=60, cwd=ROOT)
     assert bad.returncode != 0 and "--batches must be at least 2" in bad.stderr
