@@ -67,7 +67,7 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
     from diffrl.rollout import tree_rollout
     from diffrl.scoring import score_batch
 
-    run = trainer.build(load_config("configs/tiny_shapes.yaml", overrides), out)
+    run = trainer.build(load_config("configs/tiny_shapes_tree.yaml", overrides), out)
     e, s = run.cfg.explore, run.cfg.sampler
     batch = trainer.collect(run, 0)
     kept = batch.rollout.kept.flatten().nonzero().flatten().tolist()
@@ -109,7 +109,7 @@ def training_curve(overrides: list[str], out: Path, eval_every: int, eval_prompt
     from diffrl import trainer
     from diffrl.config import load_config
 
-    run = trainer.build(load_config("configs/tiny_shapes.yaml", overrides), out)
+    run = trainer.build(load_config("configs/tiny_shapes_tree.yaml", overrides), out)
     prompts = run.eval_prompts[:eval_prompts]
     state, clock = trainer.TrainState(), 0.0
     curve = [{"step": 0, "wall_s": 0.0, "reward": round(policy_reward(trainer, run, prompts), 4)}]

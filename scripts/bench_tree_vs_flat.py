@@ -1,6 +1,7 @@
 """Tree rollouts vs flat GRPO on the embedded model: reward against wall-clock time, same leaves per prompt.
 
-Runs the main job twice with the same prompts, seeds, steps and 8 leaves per prompt: once with a tree
+Runs the clipped-ratio tree recipe (``configs/tiny_shapes_tree.yaml``, the main job until DiffusionNFT replaced it)
+twice with the same prompts, seeds, steps and 8 leaves per prompt: once with a tree
 (``sampler.split_steps`` of the config, 1 tree per prompt) and once flat (no splits, 8 chains per prompt, group
 z-scored). Prints each run's reward curve against cumulative time (rollout + training) and the time each takes
 to reach a target reward (the default target: 90% of the way from the first to the best smoothed reward the flat
@@ -22,7 +23,7 @@ from diffrl.trainer import train
 
 
 def run(overrides: list[str], out: str) -> list[dict]:
-    cfg = load_config("configs/tiny_shapes.yaml", overrides)
+    cfg = load_config("configs/tiny_shapes_tree.yaml", overrides)
     train(cfg, out=out)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -59,7 +59,7 @@ def test_pure_noise_needs_infinitely_many_batches_and_bad_shapes_raise():
 def test_gradient_snr_probe_ends_with_its_json():
     vs = "train.objective=nft train.advantage=grpo"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "3", "--toy",
-                           "--by-module", "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
+                           "--config", "configs/tiny_shapes_tree.yaml", "--by-module", "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]

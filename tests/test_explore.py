@@ -22,7 +22,7 @@ PLAIN = FLAT + ["train.trees_per_prompt=2"]
 
 
 def cfg_of(*extra):
-    return load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), TINY + [BRIGHT] + list(extra))
+    return load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), TINY + [BRIGHT] + list(extra))
 
 
 def toy_velocity(x, sigma):

@@ -115,7 +115,7 @@ def family_run(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
     FAMILIES[family][0]().save_pretrained(str(root / "model"))
-    cfg = load_config(str(ROOT / "configs" / "tiny_shapes.yaml"),
+    cfg = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"),
                       TINY + [f"model.family={family}", f"model.path={root / 'model'}", "model.resolution=32",
                               "train.steps=1", "train.lr=0.05", BRIGHT]
                       + (["model.num_frames=9"] if family == "wan" else []))

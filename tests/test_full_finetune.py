@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 def test_full_finetuning_trains_every_weight_against_a_frozen_reference_and_exports_the_transformer(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    cfg = load_config(str(ROOT / "configs" / "tiny_shapes.yaml"),
+    cfg = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"),
                       TINY + [BRIGHT, "model.lora_rank=0", "train.steps=2", "train.lr=1e-4", "log.checkpoint_every=1"])
     summary = trainer.train(cfg, out=str(tmp_path))
     m = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -58,7 +58,7 @@ def test_ode_sampler_reproduces_the_pipeline_video_and_audio(guidance, audio_gui
 def test_one_rl_iteration_routes_each_reward_to_its_stream_and_exports_the_lora(tmp_path):
     tiny_ltx2_pipeline().save_pretrained(str(tmp_path / "model"))
     routing = "train.reward_routing={'tests_helpers:video_brightness': [video], 'tests_helpers:loudness': [audio]}"
-    cfg = load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), TINY + [
+    cfg = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), TINY + [
         "model.family=ltx2", f"model.path={tmp_path / 'model'}", "model.resolution=64", "model.num_frames=9",
         "train.steps=1", "train.lr=0.05", "train.advantage=grpo", routing,
         "rewards={'tests_helpers:video_brightness': 1.0, 'tests_helpers:loudness': 1.0}"])

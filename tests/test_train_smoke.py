@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def tiny_cfg(*extra):
-    return load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), TINY + list(extra))
+    return load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), TINY + list(extra))
 
 
 def test_one_iteration_updates_the_lora_and_starts_exactly_on_policy(tmp_path):
@@ -60,6 +60,27 @@ def test_repeated_updates_on_one_batch_move_its_samples_the_way_the_reward_asks(
         trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, 0))
     after = float(trainer.collect(run, 0).images.mean())
     assert sign * (after - before) > 0.05 * before  # same seeds, so no sampling noise: 5.5-10% measured on v4
+
+
+def test_the_main_job_recipe_trains_nft_on_flat_chains_and_only_its_lora_targets(tmp_path):
+    """configs/tiny_shapes.yaml itself at a tiny budget (its objective, flat groups and LoRA targets kept): one
+    DiffusionNFT update exactly on policy, every valid leaf trained, LoRA pairs only on the modulation pathway and the
+    output projection, and the update moved them."""
+    from safetensors.torch import load_file
+
+    cfg = load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), [
+        f"model.path={MODEL}", "sampler.num_steps=4", "sampler.eval_steps=4", "train.prompts_per_step=2",
+        "train.trees_per_prompt=2", "data.eval_size=4", "log.eval_every=0", "log.sample_every=0",
+        "log.tensorboard=false", "train.steps=1", BRIGHT])
+    assert (cfg.train.objective, cfg.train.advantage, cfg.sampler.split_steps) == ("nft", "grpo", [])
+    train(cfg, out=str(tmp_path))
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["old_dev"] == 0.0 and m["trained_edges"] == 4  # 2 prompts x 2 chains
+    lora = load_file(str(tmp_path / "checkpoint-000001" / "lora.safetensors"))
+    modules = {k.split(".lora_")[0] for k in lora}
+    assert modules and all(("time_text_embed" in k) or k.endswith(("norm_out.linear", "proj_out")) for k in modules)
+    assert any("timestep_embedder" in k for k in modules) and any("text_embedder" in k for k in modules)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 
 
 def test_updates_per_epoch_takes_one_optimizer_step_per_group_of_trees(tmp_path):
@@ -135,13 +156,18 @@ def test_bf16_weights_train_with_fp32_lora_and_log_prob_math(tmp_path):
     assert m["first_ratio_dev"] == 0.0 and m["trained_edges"] > 0
 
 
-def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path):
+MAIN_JOB_TARGETS = "model.lora_targets=[linear_1,linear_2,norm_out.linear,proj_out]"
+
+
+@pytest.mark.parametrize("targets", ["model.lora_targets=[to_q,to_k,to_v,to_out.0]", MAIN_JOB_TARGETS])
+def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path, targets):
+    """The attention LoRA of the tree recipe and the main job's LoRA on the modulation pathway and output both."""
     from diffusers import StableDiffusion3Pipeline
 
     from diffrl.inference import load_for_inference, sample
     from diffrl.tree import mix_seed, step_noise
 
-    train(tiny_cfg("train.steps=1", "train.lr=0.05", BRIGHT), out=str(tmp_path))
+    train(tiny_cfg("train.steps=1", "train.lr=0.05", BRIGHT, targets), out=str(tmp_path))
     prompts = ["a red circle to the left of a blue square", "three green triangles"]
     ours = sample(load_for_inference(MODEL, str(tmp_path / "lora")), prompts, seed=7, steps=6, guidance=4.5)
     pipe = StableDiffusion3Pipeline.from_pretrained(MODEL)
@@ -165,7 +191,7 @@ def _metrics(run_dir):
 @pytest.mark.slow
 def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
     args = TINY + ["train.steps=4", "log.checkpoint_every=1", BRIGHT]
-    cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes.yaml"), *args]
+    cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=SUBPROCESS_ENV)
@@ -207,7 +233,7 @@ def test_cli_config_errors_are_one_sentence_before_any_model_loads(tmp_path):
 
 
 def test_cli_missing_model_path_is_one_sentence(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes.yaml"),
+    out = subprocess.run([sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"),
                           "model.path=/nonexistent/model", "--out", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr

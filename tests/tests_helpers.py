@@ -52,11 +52,11 @@ def loudness(media, prompts):
 
 
 def launch_train(launcher: list, out: Path, overrides: list, flags: tuple = ()) -> str:
-    """``diffrl train configs/tiny_shapes.yaml`` at the tiny budget in subprocesses started by ``launcher`` (one
+    """``diffrl train configs/tiny_shapes_tree.yaml`` at the tiny budget in subprocesses started by ``launcher`` (one
     process: ``[sys.executable]``; two: ``LAUNCH``), one thread each; returns stderr (asserting success)."""
     import subprocess
 
-    args = [str(ROOT / "configs" / "tiny_shapes.yaml"), *TINY, "train.prompts_per_step=4", BRIGHT, *overrides,
+    args = [str(ROOT / "configs" / "tiny_shapes_tree.yaml"), *TINY, "train.prompts_per_step=4", BRIGHT, *overrides,
             "--out", str(out), *flags]
     done = subprocess.run([*launcher, "-m", "diffrl", "train", *args], capture_output=True, text=True,
                           env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}, timeout=900)
