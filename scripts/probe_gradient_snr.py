@@ -6,9 +6,10 @@ each at the starting weights, exactly as the trainer's first update would (no KL
 optimizer step). ``diffrl.diagnostics.gradient_agreement`` turns them into rho, the signal share of one batch's
 gradient, and the number of batches a gradient needs before its direction is mostly signal. ``--vs "key=value ..."``
 (repeatable) adds a row for the same config with those overrides on top, measured in the same run, and every row
-states its rho as a ratio to the first row's. ``--by-module`` also measures rho over each group of the LoRA's parameters alone, by transformer block
-and by adapted projection (where in the model the signal lives, to choose ``model.lora_targets``). ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model
-where RL visibly works) in the same run. Ends with one JSON line.
+states its rho as a ratio to the first row's. ``--by-module`` also measures rho over each group of the trained
+parameters alone, by transformer block and by adapted projection (where in the model the signal lives, to choose
+``model.lora_targets``). ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model where RL visibly works)
+in the same run. Ends with one JSON line.
 
     python scripts/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy]
         [--vs "train.objective=nft train.advantage=grpo" ...] [--by-module] [key=value ...]
@@ -44,8 +45,7 @@ def trainer_gradients(config: str, overrides: list[str], batches: int) -> tuple[
     cfg = load_config(config, overrides + ["train.kl_weight=0", "train.max_grad_norm=1e30", "log.tensorboard=false"])
     with TemporaryDirectory() as tmp:
         run = trainer.build(cfg, Path(tmp))
-        named = [(f"{key}.{n}", p) for key, module in run.adapter.denoisers.items()
-                 for n, p in module.named_parameters() if p.requires_grad]
+        named = run.adapter.named_trainable_parameters()
         params = [p for _, p in named]
         run.optimizer = torch.optim.SGD(params, lr=0.0)  # gradients only: the weights stay where they start
         grads, samples = [], 0

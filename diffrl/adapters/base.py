@@ -230,8 +230,13 @@ class DiffusersAdapter:
         for module in self.denoisers.values():
             module.enable_gradient_checkpointing()
 
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters as ``("denoiser.parameter.name", parameter)``, in ``trainable_parameters``' order."""
+        return [(f"{key}.{n}", p) for key, module in self.denoisers.items()
+                for n, p in module.named_parameters() if p.requires_grad]
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for module in self.denoisers.values() for p in module.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable_parameters()]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
