@@ -77,6 +77,11 @@ class TrainConfig:
     trees_per_prompt: int = 1
     """Trees per prompt; with no splits, this is the GRPO group size."""
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    """constant, cosine or linear: the learning rate at step k is ``diffrl.update.lr_at`` (a function of the step
+    alone, so a resumed run follows the same schedule); cosine and linear decay to 0 at ``train.steps``."""
+    warmup_steps: int = 0
+    """Linear warm-up from lr / (warmup_steps + 1) over the first steps, then the schedule."""
     objective: str = "ppo"
     """ppo: clipped-ratio updates of the SDE transitions (Flow-GRPO, BranchGRPO); nft: DiffusionNFT's forward-process
     objective on the leaves' clean latents (papers.md part 1 (i)), noised at ``sampler.timestep_fraction`` of the
@@ -189,6 +194,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
     "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"), "train.objective": ("ppo", "nft"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
     "train.reward_aggregation": ("sum", "gdpo"), "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
     "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
     "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
@@ -314,6 +320,8 @@ def validate(cfg: Config, where: str) -> list[str]:
                       "not tree (per-edge)")
     if not 0 < s.timestep_fraction <= 1:
         errors.append(f"{where}: 'sampler.timestep_fraction' must be in (0, 1], got {s.timestep_fraction}")
+    if not 0 <= t.warmup_steps < t.steps:
+        errors.append(f"{where}: 'train.warmup_steps' must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
     if not 0 <= t.ema_decay < 1:
         errors.append(f"{where}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     if t.reward_routing:

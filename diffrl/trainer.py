@@ -38,7 +38,7 @@ from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
-from diffrl.update import ema_update, optimize
+from diffrl.update import ema_update, optimize, set_lr
 from diffrl.viz import cat_media, image_grid, line_plot, stills
 
 log = logging.getLogger("diffrl")
@@ -446,6 +446,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     t0 = time.perf_counter()
     leaf_r, valid, scores = score(run, batch)
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
+    lr = set_lr(run, step)
     stats = optimize(run, batch, adv, mask, step)
     ema_update(run, state)
     explored = {}
@@ -453,7 +454,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
         explored = {**_explore_metrics(run, batch, leaf_r), "refresh_s": round(run.explorer.refresh(), 4)}
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
-            "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": run.optimizer.param_groups[0]["lr"],
+            "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": lr,
             "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
             "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),

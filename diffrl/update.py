@@ -26,6 +26,33 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return e, e[first], inverse
 
 
+def lr_at(step: int, lr: float, schedule: str, steps: int, warmup_steps: int = 0) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``steps``.
+
+    Warm-up: lr (step + 1) / (warmup_steps + 1) for step < warmup_steps. After it, with u = (step - warmup_steps) /
+    (steps - warmup_steps) in [0, 1): constant lr; cosine lr (1 + cos(pi u)) / 2; linear lr (1 - u).
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    u = (step - warmup_steps) / max(steps - warmup_steps, 1)
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * u))
+    if schedule == "linear":
+        return lr * (1 - u)
+    if schedule == "constant":
+        return lr
+    raise ValueError(f"unknown lr schedule {schedule!r}: use constant, cosine or linear")
+
+
+def set_lr(run: Run, step: int) -> float:
+    """Set every parameter group's learning rate for step ``step`` from ``train``'s schedule; returns it."""
+    t = run.cfg.train
+    lr = lr_at(step, t.lr, t.lr_schedule, t.steps, t.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor, step: int = 0) -> dict[str, float]:
     """The update for ``train.objective``: clipped-ratio (``ppo``) or DiffusionNFT (``nft``)."""
     if run.cfg.train.objective == "nft":

@@ -190,7 +190,8 @@ def _metrics(run_dir):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
-    args = TINY + ["train.steps=4", "log.checkpoint_every=1", BRIGHT]
+    args = TINY + ["train.steps=4", "log.checkpoint_every=1", "train.lr_schedule=cosine", "train.warmup_steps=1",
+                   BRIGHT]
     cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), *args]
     subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -204,6 +205,8 @@ def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
     subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert len(_metrics(tmp_path / "b")) == 4
+    lr = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), args).train.lr
+    assert [m["lr"] for m in _metrics(tmp_path / "b")] == pytest.approx([lr / 2, lr, 0.75 * lr, 0.25 * lr])
 
 
 def test_a_reward_that_fails_on_one_sample_drops_it_and_the_run_continues(tmp_path, caplog, monkeypatch):
