@@ -27,7 +27,8 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def lr_at(step: int, lr: float, schedule: str, steps: int, warmup_steps: int = 0) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) of ``steps``.
+    """The learning rate of RL step ``step`` (0-based) of ``steps``; every optimizer step inside it (inner epochs,
+    updates per epoch) uses this rate.
 
     Warm-up: lr (step + 1) / (warmup_steps + 1) for step < warmup_steps. After it, with u = (step - warmup_steps) /
     (steps - warmup_steps) in [0, 1): constant lr; cosine lr (1 + cos(pi u)) / 2; linear lr (1 - u).
