@@ -201,7 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffrl.prompts import PromptError
     from diffrl.scoring import RewardError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after --out or --resume: argparse stops collecting positionals there
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if os.getcwd() not in sys.path:  # "my_module:reward" paths resolve from the current directory, as with python -m
         sys.path.insert(0, os.getcwd())
     if getattr(args, "iterations", 1) < 1:

@@ -39,7 +39,7 @@ from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
 from diffrl.update import ema_update, optimize, set_lr
-from diffrl.viz import cat_media, image_grid, line_plot, stills
+from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
@@ -489,9 +489,7 @@ def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     run.adapter.export(str(run.out), state.ema)
     if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
         return {}
-    line_plot({"reward": ([m["step"] for m in state.history], [m["reward_mean"] for m in state.history]),
-               "held-out accuracy": ([e["step"] for e in state.evals], [e["accuracy"] for e in state.evals])},
-              run.out / "curves.png", "reward and held-out strict accuracy")
+    training_curves(state.history, state.evals, run.out / "curves.png")
     summary = {"base_accuracy": state.base_accuracy, "final_accuracy": final, "wall_s": round(wall_s, 1),
                "steps": state.step, "evals": state.evals}
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -74,6 +74,17 @@ def image_grid(images, path: Path, ncol: int, scale: int = 4, captions: Sequence
     canvas.save(path)
 
 
+def running_mean(ys: Sequence[float], window: int) -> list[float]:
+    """Trailing mean of the last ``window`` values at each index (fewer at the start), for noisy per-step curves."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y - (ys[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
               x_label: str = "step") -> None:
     """Several ``name -> (xs, ys)`` lines on one axis (each scaled to the shared y range)."""
@@ -100,6 +111,16 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     d.text((4, h - m + 2), f"{x_label} {x0:g}", fill="black")
     d.text((w - m - 40, h - m + 2), f"{x_label} {x1:g}", fill="black")
     img.save(path)
+
+
+def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, window: int = 5) -> None:
+    """The run's ``curves.png``: training reward per step (``history``: metrics with ``step``, ``reward_mean``), its
+    trailing mean over ``window`` steps (one step's reward mostly shows which prompts it drew) and held-out accuracy
+    (``evals``: ``step``, ``accuracy``)."""
+    steps, rewards = [m["step"] for m in history], [m["reward_mean"] for m in history]
+    line_plot({"reward": (steps, rewards), f"reward, mean of {window}": (steps, running_mean(rewards, window)),
+               "held-out accuracy": ([e["step"] for e in evals], [e["accuracy"] for e in evals])},
+              path, "reward and held-out strict accuracy")
 
 
 def stills(media: Union[Tensor, dict]) -> Tensor:

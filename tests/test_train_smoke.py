@@ -243,6 +243,14 @@ def test_cli_missing_model_path_is_one_sentence(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_cli_overrides_after_out_are_read_and_stray_flags_fail(tmp_path):
+    cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), "--out", str(tmp_path)]
+    out = subprocess.run(cmd + ["model.path=/nonexistent/model"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr
+    out = subprocess.run(cmd + ["--stepz", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unrecognized arguments: --stepz 3" in out.stderr
+
+
 def test_chunked_rollouts_scored_in_the_background_match_one_batch(tmp_path):
     from diffrl.trainer import build, collect, score
 
