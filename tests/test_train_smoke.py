@@ -235,20 +235,23 @@ def test_cli_config_errors_are_one_sentence_before_any_model_loads(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_cli_missing_model_path_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("after_out", [False, True], ids=["override-first", "override-after-out"])
+def test_cli_missing_model_path_is_one_sentence(tmp_path, after_out):
+    """The override is read wherever it stands: argparse stops collecting positionals at --out."""
+    override, out_flag = ["model.path=/nonexistent/model"], ["--out", str(tmp_path)]
+    args = out_flag + override if after_out else override + out_flag
     out = subprocess.run([sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"),
-                          "model.path=/nonexistent/model", "--out", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120)
+                          *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_cli_overrides_after_out_are_read_and_stray_flags_fail(tmp_path):
-    cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), "--out", str(tmp_path)]
-    out = subprocess.run(cmd + ["model.path=/nonexistent/model"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "model path '/nonexistent/model' does not exist" in out.stderr
-    out = subprocess.run(cmd + ["--stepz", "3"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "unrecognized arguments: --stepz 3" in out.stderr
+def test_cli_stray_flags_are_still_an_error(capsys):
+    from diffrl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), "--out", "x", "--stepz", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --stepz 3" in capsys.readouterr().err
 
 
 def test_chunked_rollouts_scored_in_the_background_match_one_batch(tmp_path):
