@@ -78,11 +78,7 @@ def running_mean(ys: Sequence[float], window: int) -> list[float]:
     """Trailing mean of the last ``window`` values at each index (fewer at the start), for noisy per-step curves."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    out, total = [], 0.0
-    for i, y in enumerate(ys):
-        total += y - (ys[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+    return [sum(ys[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(ys))]
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
