@@ -24,6 +24,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,15 +37,35 @@ from rewards.shapes import shapes_reward
 RL_EVAL_N = 512
 
 
-def batch(rng: random.Random, n: int) -> tuple[list[str], torch.Tensor]:
-    """``n`` fresh (prompt, image) pairs; images ``[n, 3, 32, 32]`` in [-1, 1]."""
+def batch(rng: random.Random, n: int, kind_weights: Optional[dict[str, float]] = None) -> tuple[list[str], torch.Tensor]:
+    """``n`` fresh (prompt, image) pairs; images ``[n, 3, 32, 32]`` in [-1, 1]. Prompt kinds are uniform, or drawn
+    with ``kind_weights`` (relative, per kind of ``KINDS``)."""
     prompts, images = [], []
     for _ in range(n):
-        scene = random_scene(rng)
+        kind = rng.choices(list(kind_weights), list(kind_weights.values()))[0] if kind_weights else None
+        scene = random_scene(rng, kind)
         prompts.append(prompt_of(scene))
         images.append(np.asarray(render(scene, rng)))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return prompts, x
+
+
+def parse_kind_weights(spec: Optional[str]) -> Optional[dict[str, float]]:
+    """``"single=1,relation=3"`` -> ``{"single": 1.0, "count": 0.0, "pair": 0.0, "relation": 3.0}``; None stays None."""
+    if not spec:
+        return None
+    weights = dict.fromkeys(KINDS, 0.0)
+    for item in spec.split(","):
+        kind, _, value = item.partition("=")
+        try:
+            if kind not in weights:
+                raise ValueError(kind)
+            weights[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"--kind-weights: {item!r} is not KIND=WEIGHT with KIND one of {list(KINDS)}") from None
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise SystemExit(f"--kind-weights {spec!r}: weights must be >= 0 with a positive sum")
+    return weights
 
 
 def train_vae(pipe, steps: int, rng: random.Random, bs: int) -> None:
@@ -79,7 +100,8 @@ def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, pooled
 
 
-def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine: bool = False) -> torch.nn.Module:
+def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine: bool = False,
+               kind_weights: Optional[dict[str, float]] = None) -> torch.nn.Module:
     """Joint transformer + text-encoder flow matching; trains ``pipe.transformer`` and returns its EMA copy."""
     vae, tr = pipe.vae, pipe.transformer.train()
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
@@ -92,7 +114,7 @@ def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine:
     ema = copy.deepcopy(tr).requires_grad_(False)
     bar = tqdm(range(steps), desc="flow matching")
     for step in bar:
-        prompts, x = batch(rng, bs)
+        prompts, x = batch(rng, bs, kind_weights)
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
             z = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
@@ -145,14 +167,16 @@ def _run_line(i: int, run: dict) -> str:
     a = run["args"]
     what = (f"the VAE for {a['vae_steps']} steps, then " if not a.get("init") else "continued: ")
     lr = f"lr {a['lr']:g}" + (" with cosine decay" if a.get("cosine") else "")
-    return (f"  {i}. {what}{a['steps']} flow-matching steps of batch {a['batch']} ({lr}), "
+    mix = f", prompt kinds weighted {a['kind_weights']}" if a.get("kind_weights") else ""
+    return (f"  {i}. {what}{a['steps']} flow-matching steps of batch {a['batch']} ({lr}{mix}), "
             f"{run['train_s'] / 60:.0f} min; kept the {'EMA' if run['weights'] == 'ema' else 'last'} weights")
 
 
 def _command(run: dict, out: str) -> str:
     a = run["args"]
     flags = [f"--init {out}" if a.get("init") else "", f"--steps {a['steps']}", f"--lr {a['lr']:g}",
-             "--cosine" if a.get("cosine") else ""]
+             "--cosine" if a.get("cosine") else "",
+             f"--kind-weights {a['kind_weights']}" if a.get("kind_weights") else ""]
     return "python scripts/pretrain_tiny.py --out " + out + " " + " ".join(f for f in flags if f)
 
 
@@ -227,6 +251,8 @@ def main() -> None:
     ap.add_argument("--vae-only", action="store_true", help="train and check the VAE, then stop")
     ap.add_argument("--init", help="continue training this saved model (its VAE is kept)")
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% over the run")
+    ap.add_argument("--kind-weights", help="relative frequency of each prompt kind in the flow-matching batches, "
+                    "e.g. single=1,count=1,pair=1,relation=3 (default: uniform)")
     ap.add_argument("--rewrite-card", action="store_true",
                     help="re-score the model at --out on the RL evaluation prompts and rewrite its card; no training")
     args = ap.parse_args()
@@ -254,7 +280,7 @@ def main() -> None:
     print(f"VAE reconstruction verifier accuracy: {vae_acc:.3f}")
     if args.vae_only:
         return
-    ema = train_flow(pipe, args.steps, rng, args.batch, args.lr, args.cosine)
+    ema = train_flow(pipe, args.steps, rng, args.batch, args.lr, args.cosine, parse_kind_weights(args.kind_weights))
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
         m.eval().requires_grad_(False)
     train_s = time.time() - t0

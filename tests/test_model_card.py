@@ -46,3 +46,33 @@ def test_rewrite_card_needs_a_saved_model(tmp_path):
                            "--rewrite-card"], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
     assert done.returncode != 0
     assert "training.json does not exist: --rewrite-card needs a model this script saved" in done.stderr
+
+
+def test_kind_weights_parse_and_reach_the_card():
+    module = _pretrain_module()
+    assert module.parse_kind_weights(None) is None
+    assert module.parse_kind_weights("count=2,relation=4") == {"single": 0.0, "count": 2.0, "pair": 0.0,
+                                                                "relation": 4.0}
+    for bad in ("colour=1", "relation=x", "relation", "relation=0", "count=2,pair=-1"):
+        try:
+            module.parse_kind_weights(bad)
+        except SystemExit as e:
+            assert "--kind-weights" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+    run = {"args": {"init": "x", "steps": 10, "lr": 8e-4, "batch": 64, "cosine": True, "kind_weights": "relation=4"},
+           "train_s": 60.0, "weights": "ema"}
+    assert module._command(run, "OUT") == ("python scripts/pretrain_tiny.py --out OUT --init OUT --steps 10 --lr 0.0008 "
+                                           "--cosine --kind-weights relation=4")
+    assert "prompt kinds weighted relation=4" in module._run_line(1, run)
+
+
+def test_weighted_batches_draw_only_weighted_kinds():
+    import random
+
+    from diffrl.shapes import parse_prompt
+
+    prompts, images = _pretrain_module().batch(random.Random(0), 40, {"single": 0.0, "count": 0.0, "pair": 0.0,
+                                                                     "relation": 1.0})
+    assert images.shape == (40, 3, 32, 32)
+    assert {parse_prompt(p).kind for p in prompts} == {"relation"}
