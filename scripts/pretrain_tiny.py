@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffrl import checkpoint
 from diffrl.adapters.tiny import T5_LEN, tiny_sd3_pipeline
 from diffrl.shapes import KINDS, prompt_of, random_scene, render
 from rewards.shapes import shapes_reward
@@ -100,9 +102,56 @@ def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds, pooled
 
 
+MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+RESUME_KEYS = ("seed", "vae_steps", "steps", "batch", "lr", "init", "cosine", "kind_weights")
+"""Arguments a resumed run must share with the run that wrote its checkpoints."""
+
+
+class Checkpoints:
+    """Atomic checkpoints of the flow-matching stage (``diffrl.checkpoint``): the pipeline's trained modules and the
+    VAE, the transformer's EMA, optimizer and schedule, the scene and torch RNG states, the step and the training
+    seconds so far. A resumed run continues bit for bit where the checkpoint left off."""
+
+    def __init__(self, directory: Path, every: int, args: dict):
+        self.dir, self.every, self.args = Path(directory), every, {k: args.get(k) for k in RESUME_KEYS}
+
+    def latest(self) -> Optional[Path]:
+        return checkpoint.latest(self.dir) if self.dir.is_dir() else None
+
+    def due(self, step: int, steps: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == steps)
+
+    def save(self, step: int, pipe, ema, opt, sched, rng: random.Random, train_s: float) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        modules = {**{name: getattr(pipe, name) for name in MODULES}, "ema": ema}
+        # copies: T5 ties its input embedding to ``shared``, and safetensors refuses tensors that share memory
+        tensors = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+        version, internal, gauss = rng.getstate()
+        state = {"args": self.args, "scene_rng": [version, list(internal), gauss], "train_s": train_s,
+                 "vae_config": {k: pipe.vae.config[k] for k in ("shift_factor", "scaling_factor")}}
+        checkpoint.save(self.dir, step, tensors, {"optimizer": opt.state_dict(), "schedule": sched.state_dict()}, state)
+
+    def restore_modules(self, path: Path, pipe) -> tuple[dict, dict, dict]:
+        """Load the pipeline's modules (and the RNG states) from ``path``; returns the EMA's weights, the optimizer
+        state and the state dict. Refuses a checkpoint written with other training arguments."""
+        tensors, optim, state = checkpoint.load(path)
+        differ = {k: (state["args"].get(k), v) for k, v in self.args.items() if state["args"].get(k) != v}
+        if differ:
+            raise SystemExit(f"--resume: {path} was written with other arguments (name: checkpoint's, this run's): "
+                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in differ.items()))
+        for name in MODULES:
+            getattr(pipe, name).load_state_dict(tensors[name])
+        pipe.vae.register_to_config(**state["vae_config"])
+        return tensors["ema"], optim, state
+
+
 def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine: bool = False,
-               kind_weights: Optional[dict[str, float]] = None) -> torch.nn.Module:
-    """Joint transformer + text-encoder flow matching; trains ``pipe.transformer`` and returns its EMA copy."""
+               kind_weights: Optional[dict[str, float]] = None, ckpts: Optional[Checkpoints] = None,
+               resume: Optional[tuple[dict, dict, dict]] = None, elapsed: float = 0.0) -> tuple[torch.nn.Module, float]:
+    """Joint transformer + text-encoder flow matching; trains ``pipe.transformer`` and returns its EMA copy and the
+    training seconds (``elapsed`` before this call included). ``ckpts`` writes checkpoints, the first before step 1
+    (the VAE stage is then never redone); ``resume`` (``Checkpoints.restore_modules``' output, the modules already
+    loaded) continues from one."""
     vae, tr = pipe.vae, pipe.transformer.train()
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     params = list(tr.parameters()) + [p for e in encoders for p in e.parameters()]
@@ -112,7 +161,19 @@ def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     ema = copy.deepcopy(tr).requires_grad_(False)
-    bar = tqdm(range(steps), desc="flow matching")
+    start, spent = 0, elapsed
+    if resume is not None:
+        ema_weights, optim, state = resume
+        ema.load_state_dict(ema_weights)
+        opt.load_state_dict(optim["optimizer"])
+        sched.load_state_dict(optim["schedule"])
+        version, internal, gauss = state["scene_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        start, spent = state["step"], state["train_s"]
+    t0 = time.time() - spent
+    if ckpts is not None and resume is None:
+        ckpts.save(0, pipe, ema, opt, sched, rng, spent)
+    bar = tqdm(range(start, steps), desc="flow matching", initial=start, total=steps)
     for step in bar:
         prompts, x = batch(rng, bs, kind_weights)
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
@@ -136,7 +197,9 @@ def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine:
                 pe.lerp_(p, 1 - decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return ema.eval()
+        if ckpts is not None and ckpts.due(step + 1, steps):
+            ckpts.save(step + 1, pipe, ema, opt, sched, rng, time.time() - t0)
+    return ema.eval(), time.time() - t0
 
 
 @torch.no_grad()
@@ -253,12 +316,26 @@ def main() -> None:
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% over the run")
     ap.add_argument("--kind-weights", help="relative frequency of each prompt kind in the flow-matching batches, "
                     "e.g. single=1,count=1,pair=1,relation=3 (default: uniform)")
+    ap.add_argument("--checkpoint-every", type=int, default=250,
+                    help="flow-matching steps between checkpoints (0: none); they go to --checkpoint-dir")
+    ap.add_argument("--checkpoint-dir", help="default: OUT-checkpoints beside --out; removed once the model is saved")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    ap.add_argument("--rl-eval-n", type=int, default=RL_EVAL_N,
+                    help="count/relation prompts of the card's RL-evaluation score")
     ap.add_argument("--rewrite-card", action="store_true",
                     help="re-score the model at --out on the RL evaluation prompts and rewrite its card; no training")
     args = ap.parse_args()
     if args.rewrite_card:
         rewrite_card(Path(args.out))
         return
+    ckpts = Checkpoints(Path(args.checkpoint_dir or f"{args.out.rstrip('/')}-checkpoints"), args.checkpoint_every,
+                        vars(args))
+    found = ckpts.latest()
+    if args.resume and found is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpts.dir} (the run writes them every --checkpoint-every steps)")
+    if found is not None and not args.resume:
+        raise SystemExit(f"{ckpts.dir} holds checkpoints of an earlier run: add --resume to continue it, or delete "
+                         "the folder to start over")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     t0 = time.time()
@@ -275,15 +352,19 @@ def main() -> None:
             m.requires_grad_(True)
     else:
         pipe = tiny_sd3_pipeline()
-        train_vae(pipe, args.vae_steps, rng, args.batch)
+        if found is None:
+            train_vae(pipe, args.vae_steps, rng, args.batch)
+    resume = ckpts.restore_modules(found, pipe) if found is not None else None
+    pipe.vae.eval().requires_grad_(False)
     vae_acc = vae_accuracy(pipe, random.Random(args.seed + 1))
     print(f"VAE reconstruction verifier accuracy: {vae_acc:.3f}")
     if args.vae_only:
         return
-    ema = train_flow(pipe, args.steps, rng, args.batch, args.lr, args.cosine, parse_kind_weights(args.kind_weights))
+    ema, train_s = train_flow(pipe, args.steps, rng, args.batch, args.lr, args.cosine,
+                              parse_kind_weights(args.kind_weights), ckpts if args.checkpoint_every else None, resume,
+                              time.time() - t0)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
         m.eval().requires_grad_(False)
-    train_s = time.time() - t0
     candidates, selection = {"raw": pipe.transformer, "ema": ema}, {}
     for name, candidate in candidates.items():  # chosen on other held-out seeds than the card's scores
         pipe.transformer = candidate
@@ -297,9 +378,10 @@ def main() -> None:
     run = {"args": vars(args), "train_s": round(train_s, 1), "weights": chosen, "selection": selection}
     card = {**run, "history": history + [run], "torch": torch.__version__, "vae_reconstruction_strict": vae_acc,
             "base_scores": scores, "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-            "rl_eval": rl_eval_scores(out), "rl_eval_n": RL_EVAL_N}
+            "rl_eval": rl_eval_scores(out, args.rl_eval_n), "rl_eval_n": args.rl_eval_n}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     write_card(out, card)
+    shutil.rmtree(ckpts.dir, ignore_errors=True)  # the model is saved whole: its checkpoints are spent
     print(json.dumps(card))
 
 
