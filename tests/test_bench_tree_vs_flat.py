@@ -1,28 +1,20 @@
 """scripts/bench_tree_vs_flat.py: its reward smoothing and time-to-target against hand-worked curves, and its
 refusal of a flat config without --splits (before any model loads)."""
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from tests_helpers import ROOT, SUBPROCESS_ENV
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tree_vs_flat", ROOT / "scripts" / "bench_tree_vs_flat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
 
 
 def test_smoothed_is_the_trailing_mean():
-    assert _bench().smoothed([1.0, 3.0, 2.0, 6.0], k=2) == [1.0, 2.0, 2.5, 4.0]
+    assert load_script("bench_tree_vs_flat").smoothed([1.0, 3.0, 2.0, 6.0], k=2) == [1.0, 2.0, 2.5, 4.0]
 
 
 def test_time_to_target_counts_rollout_and_training_time():
     metrics = [{"reward_mean": r, "rollout_s": 1.0, "train_s": 2.0} for r in (0.0, 0.0, 1.0, 1.0, 1.0)]
-    bench = _bench()
+    bench = load_script("bench_tree_vs_flat")
     # smoothed over 5 steps: 0, 0, 1/3, 1/2, 3/5; each step costs 3 s
     assert bench.time_to(0.5, metrics) == pytest.approx(12.0)
     assert bench.time_to(0.6, metrics) == pytest.approx(15.0)

@@ -1,22 +1,14 @@
 """The embedded model's card is generated whole by scripts/pretrain_tiny.py, RL-evaluation scores included, and
 those scores are what the command the card names prints."""
-import importlib.util
 import json
 import subprocess
 import sys
 
-from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV
-
-
-def _pretrain_module():
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "scripts" / "pretrain_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV, load_script
 
 
 def test_rl_eval_scores_match_diffrl_eval():
-    scores = _pretrain_module().rl_eval_scores(ROOT / "assets" / "tiny-sd3-shapes", n=8)
+    scores = load_script("pretrain_tiny").rl_eval_scores(ROOT / "assets" / "tiny-sd3-shapes", n=8)
     done = subprocess.run([sys.executable, "-m", "diffrl", "eval", "--model", MODEL, "--n", "8"], capture_output=True,
                           text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -27,7 +19,7 @@ def test_card_is_rebuilt_whole_from_training_json(tmp_path):
     card = json.loads((ROOT / "assets" / "tiny-sd3-shapes" / "training.json").read_text())
     card["rl_eval"] = {"accuracy": 0.4375, "accuracy_count": 0.5, "accuracy_relation": 0.375}
     card["rl_eval_n"] = 16
-    _pretrain_module().write_card(tmp_path, card)
+    load_script("pretrain_tiny").write_card(tmp_path, card)
     text = (tmp_path / "README.md").read_text()
     assert "`diffrl eval --model assets/tiny-sd3-shapes --n 16`): strict\n0.438 on 16 prompts (count 0.500, relation " \
         "0.375)" in text
@@ -37,7 +29,7 @@ def test_card_is_rebuilt_whole_from_training_json(tmp_path):
 
 def test_shipped_card_is_what_the_script_writes(tmp_path):
     card = json.loads((ROOT / "assets" / "tiny-sd3-shapes" / "training.json").read_text())
-    _pretrain_module().write_card(tmp_path, card)
+    load_script("pretrain_tiny").write_card(tmp_path, card)
     assert (tmp_path / "README.md").read_text() == (ROOT / "assets" / "tiny-sd3-shapes" / "README.md").read_text()
 
 
@@ -49,7 +41,7 @@ def test_rewrite_card_needs_a_saved_model(tmp_path):
 
 
 def test_kind_weights_parse_and_reach_the_card():
-    module = _pretrain_module()
+    module = load_script("pretrain_tiny")
     assert module.parse_kind_weights(None) is None
     assert module.parse_kind_weights("count=2,relation=4") == {"single": 0.0, "count": 2.0, "pair": 0.0,
                                                                 "relation": 4.0}
@@ -72,7 +64,7 @@ def test_weighted_batches_draw_only_weighted_kinds():
 
     from diffrl.shapes import parse_prompt
 
-    prompts, images = _pretrain_module().batch(random.Random(0), 40, {"single": 0.0, "count": 0.0, "pair": 0.0,
+    prompts, images = load_script("pretrain_tiny").batch(random.Random(0), 40, {"single": 0.0, "count": 0.0, "pair": 0.0,
                                                                      "relation": 1.0})
     assert images.shape == (40, 3, 32, 32)
     assert {parse_prompt(p).kind for p in prompts} == {"relation"}

@@ -1,7 +1,9 @@
 """Shared settings of the trainer tests: the shipped model at a tiny budget."""
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from diffrl.adapters.sd3 import SD3Adapter
 
@@ -62,3 +64,11 @@ def launch_train(launcher: list, out: Path, overrides: list, flags: tuple = ()) 
                           env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (scripts/ is not a package), for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
