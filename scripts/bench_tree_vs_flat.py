@@ -22,6 +22,9 @@ from typing import Optional
 from diffrl.config import load_config
 from diffrl.trainer import train
 from diffrl.tree import TreeSchedule
+from diffrl.viz import running_mean
+
+SMOOTH = 5
 
 
 def run(config: str, overrides: list[str], out: str) -> tuple[list[dict], dict]:
@@ -33,8 +36,9 @@ def run(config: str, overrides: list[str], out: str) -> tuple[list[dict], dict]:
         return metrics, json.load(f)
 
 
-def smoothed(values: list[float], k: int = 5) -> list[float]:
-    return [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
+def smoothed(values: list[float]) -> list[float]:
+    """The reward curve's trailing mean over ``SMOOTH`` steps (``diffrl.viz.running_mean``, as in curves.png)."""
+    return running_mean(values, SMOOTH)
 
 
 def time_to(target: float, metrics: list[dict]) -> Optional[float]:
@@ -76,7 +80,7 @@ def main() -> None:
                       "s_per_step": round(secs / len(ms), 2), "nfe_per_step": ms[0]["nfe"],
                       "final_reward": round(smoothed([m["reward_mean"] for m in ms])[-1], 4),
                       "base_accuracy": summary["base_accuracy"], "final_accuracy": summary["final_accuracy"]}
-    print(f"target reward (smoothed over 5 steps): {target:.4f}\n")
+    print(f"target reward (smoothed over {SMOOTH} steps): {target:.4f}\n")
     print("| rollouts | NFE / step | s / step | time to target (s) | final reward | held-out accuracy (base -> final) |\n"
           "|---|---:|---:|---:|---:|---|")
     for name, r in rows.items():

@@ -119,7 +119,7 @@ class Checkpoints:
         return checkpoint.latest(self.dir) if self.dir.is_dir() else None
 
     def due(self, step: int, steps: int) -> bool:
-        return self.every > 0 and (step % self.every == 0 or step == steps)
+        return step % self.every == 0 or step == steps
 
     def save(self, step: int, pipe, ema, opt, sched, rng: random.Random, train_s: float) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
 
 
 def test_smoothed_is_the_trailing_mean():
-    assert load_script("bench_tree_vs_flat").smoothed([1.0, 3.0, 2.0, 6.0], k=2) == [1.0, 2.0, 2.5, 4.0]
+    # over SMOOTH = 5 steps: 1, 2, 2, 3, 4 (the window fills up), then (3 + 2 + 6 + 8 + 9) / 5
+    assert load_script("bench_tree_vs_flat").smoothed([1.0, 3.0, 2.0, 6.0, 8.0, 9.0]) == [1.0, 2.0, 2.0, 3.0, 4.0, 5.6]
 
 
 def test_time_to_target_counts_rollout_and_training_time():

@@ -8,7 +8,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests_helpers import ROOT, SUBPROCESS_ENV
+from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
 
 TINY = ["--vae-steps", "2", "--steps", "40", "--batch", "2", "--checkpoint-every", "2", "--eval-per-kind", "2",
         "--rl-eval-n", "2"]
@@ -21,7 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def _weights(model_dir):
     return {sub: load_file(str(next((model_dir / sub).glob("*.safetensors"))))
-            for sub in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
+            for sub in load_script("pretrain_tiny").MODULES}
 
 
 @pytest.mark.slow
