@@ -5,7 +5,10 @@ that reads the number word has a diagonal-heavy table, one that ignores it has t
 For relation prompts with both objects found, the share placed as asked is set against the share placed as the
 *opposite* relation (left <-> right, above <-> below) would ask: equal shares mean the relation word is ignored
 (uniform placement gives 0.25 for either). Same sampler as the trainer's held-out evaluation (deterministic Euler,
-CFG). Ends with one JSON line.
+CFG). Then, without sampling: how far one word of the prompt moves the guided velocity the sampler integrates,
+|v(x, s | edited prompt) - v(x, s | prompt)| / |v(x, s | prompt)| at a few noise levels s, for edits of the
+relation word, the word order, the count word and a colour word; a word the model ignores moves it by little.
+Ends with one JSON line.
 
     python scripts/probe_conditioning.py [--model assets/tiny-sd3-shapes] [--lora RUN/lora] [--n 96]
 """
@@ -17,13 +20,56 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffrl.inference import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, load_for_inference, sample  # noqa: E402
-from diffrl.shapes import prompt_of, random_scene  # noqa: E402
+from diffrl.shapes import COLORS, Obj, Scene, prompt_of, random_scene  # noqa: E402
 from rewards.shapes import _relation_holds, detect, to_pil  # noqa: E402
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+NEXT_COUNT = {2: 3, 3: 4, 4: 2}
+SENSITIVITY_SIGMAS = (0.98, 0.9, 0.7, 0.5)
+"""Noise levels of the sensitivity table: the layout is decided at the high ones."""
+
+
+def _other_color(scene: Scene) -> str:
+    used = {o.color for o in scene.objects}
+    return next(c for c in COLORS if c not in used)
+
+
+def edits(scene: Scene) -> dict[str, str]:
+    """One-word edits of a relation or count scene's prompt: {edit name: edited prompt}."""
+    if scene.kind == "relation":
+        a, b = scene.objects
+        return {"relation word flipped": prompt_of(Scene("relation", (a, b), OPPOSITE[scene.relation])),
+                "objects swapped": prompt_of(Scene("relation", (b, a), scene.relation)),
+                "relation: first colour changed": prompt_of(Scene("relation", (Obj(_other_color(scene), a.shape), b),
+                                                                  scene.relation))}
+    if scene.kind == "count":
+        (o,) = scene.objects
+        return {"count word changed": prompt_of(Scene("count", (Obj(o.color, o.shape, NEXT_COUNT[o.count]),))),
+                "count: colour changed": prompt_of(Scene("count", (Obj(_other_color(scene), o.shape, o.count),)))}
+    raise ValueError(f"edits are defined for relation and count scenes, not {scene.kind!r}")
+
+
+@torch.no_grad()
+def sensitivity(adapter, prompts: list[str], edited: list[dict[str, str]], sigmas, guidance: float,
+                seed: int) -> dict[str, dict[float, float]]:
+    """Mean over prompts of |v(x, s | edited) - v(x, s | prompt)| / |v(x, s | prompt)|, per edit and noise level s,
+    with ``x`` one fixed standard-normal latent per prompt (``[n, *latent_shape]`` from ``seed``) and ``v`` the
+    adapter's velocity at the given CFG scale."""
+    x = torch.randn(len(prompts), *adapter.latent_shape, generator=torch.Generator().manual_seed(seed))
+    base = adapter.encode(prompts)
+    out: dict[str, dict[float, float]] = {name: {} for name in edited[0]}
+    for sigma in sigmas:
+        s = torch.full((len(prompts),), float(sigma))
+        v0 = adapter.velocity(x, s, base, guidance).flatten(1)
+        for name in out:
+            v = adapter.velocity(x, s, adapter.encode([e[name] for e in edited]), guidance).flatten(1)
+            out[name][sigma] = float(((v - v0).norm(dim=1) / v0.norm(dim=1)).mean())
+    return out
 
 
 def scenes(kind: str, n: int, seed: int) -> list:
@@ -81,10 +127,21 @@ def main() -> None:
     rel = relation_shares(adapter, args.n, args)
     print(f"relation prompts, both objects found in {rel['both_found']} of {args.n}: placed as asked "
           f"{rel['as_asked']:.2f}, as the opposite relation {rel['as_opposite']:.2f} (uniform placement: 0.25 each)")
+    sens = {}
+    for kind, seed in (("relation", 2), ("count", 1)):
+        sc = scenes(kind, args.n, seed)
+        sens.update(sensitivity(adapter, [prompt_of(x) for x in sc], [edits(x) for x in sc], SENSITIVITY_SIGMAS,
+                                args.guidance, args.seed))
+    print(f"how far one word moves the guided velocity, |v(edited) - v| / |v| (mean of {args.n} prompts), per noise level")
+    print("| edit | " + " | ".join(f"s = {s}" for s in SENSITIVITY_SIGMAS) + " |")
+    print("|---|" + "---:|" * len(SENSITIVITY_SIGMAS))
+    for name, row in sens.items():
+        print(f"| {name} | " + " | ".join(f"{row[s]:.3f}" for s in SENSITIVITY_SIGMAS) + " |")
     right = sum(table[k].get(k, 0) for k in table) / sum(sum(r.values()) for r in table.values())
     print(json.dumps({"count_table": {str(k): {str(f): c for f, c in v.items()} for k, v in table.items()},
                       "count_right": round(right, 4), **{f"relation_{k}": (round(v, 4) if isinstance(v, float) else v)
-                                                         for k, v in rel.items()}}))
+                                                         for k, v in rel.items()},
+                      "sensitivity": {name: {str(s): round(v, 4) for s, v in row.items()} for name, row in sens.items()}}))
 
 
 if __name__ == "__main__":
