@@ -14,7 +14,7 @@ samples, with many optimizer steps where the main job takes one per RL step.
 Ends with one JSON line.
 
     python scripts/probe_rejection_sft.py [--config configs/tiny_shapes.yaml] [--prompts 256] [--per-prompt 4]
-        [--sft-steps 150] [--batch 64] [--empty 0.0] [key=value ...]
+        [--sft-steps 150] [--batch 64] [--empty 0.0] [--out DIR] [key=value ...]
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--empty", type=float, default=0.0, help="share of fine-tuning samples given the empty prompt")
+    ap.add_argument("--out", help="write the fine-tuned weights here (a LoRA: the diffusers format of RUN/lora)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (model.lora_targets, train.lr, ...)")
     args = ap.parse_args()
     try:
@@ -118,6 +119,8 @@ def main() -> None:
             sys.exit("probe_rejection_sft: no strictly correct sample to fine-tune on; raise --per-prompt")
         losses = sft(run, z, kept, args.sft_steps, args.batch, cfg.train.seed, args.empty)
         final = evaluate(run)
+        if args.out:
+            print(f"weights written to {run.adapter.export(args.out)}")
     head = f"held-out strict accuracy ({len(run.eval_prompts)} prompts x {cfg.data.eval_seeds} seeds)"
     print(f"{head}: base {base['accuracy']:.3f} -> after {args.sft_steps} fine-tuning steps {final['accuracy']:.3f}")
     for key in sorted(k for k in base if k != "accuracy"):

@@ -75,14 +75,16 @@ def test_refuses_held_out_prompts_the_verifier_cannot_score():
 
 
 @pytest.mark.slow
-def test_tiny_run_ends_with_its_json():
+def test_tiny_run_ends_with_its_json(tmp_path):
     done = subprocess.run([sys.executable, "scripts/probe_rejection_sft.py", "--prompts", "4", "--per-prompt", "8",
-                           "--sft-steps", "2", "--batch", "4", "data.eval_size=2", "data.eval_seeds=1"],
+                           "--sft-steps", "2", "--batch", "4", "--out", str(tmp_path), "data.eval_size=2",
+                           "data.eval_seeds=1"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < out["kept"] <= out["sampled"] == 32 and out["sft_steps"] == 2
     assert set(out["base"]) == set(out["final"]) == {"accuracy", "accuracy_count", "accuracy_relation"}
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_fit_eight_is_the_main_jobs_first_eight_held_out_prompts():
