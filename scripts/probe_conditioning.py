@@ -30,6 +30,8 @@ from rewards.shapes import _relation_holds, detect, to_pil  # noqa: E402
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NEXT_COUNT = {2: 3, 3: 4, 4: 2}
+SCENE_SEEDS = {"count": 1, "relation": 2}
+"""Seed of each kind's prompts: the sampled tables and the sensitivity table use the same prompts."""
 SENSITIVITY_SIGMAS = (0.98, 0.9, 0.7, 0.5)
 """Noise levels of the sensitivity table: the layout is decided at the high ones."""
 
@@ -72,14 +74,15 @@ def sensitivity(adapter, prompts: list[str], edited: list[dict[str, str]], sigma
     return out
 
 
-def scenes(kind: str, n: int, seed: int) -> list:
-    rng = random.Random(seed)
+def scenes(kind: str, n: int) -> list:
+    """``n`` random scenes of a kind, from the kind's ``SCENE_SEEDS`` seed."""
+    rng = random.Random(SCENE_SEEDS[kind])
     return [random_scene(rng, kind) for _ in range(n)]
 
 
 def count_table(adapter, n: int, args) -> dict[int, dict[int, int]]:
     """{asked: {found: times}} over ``n`` count prompts."""
-    sc = scenes("count", n, 1)
+    sc = scenes("count", n)
     images = to_pil(sample(adapter, [prompt_of(s) for s in sc], args.seed, args.steps, args.guidance))
     table: dict[int, dict[int, int]] = {}
     for s, img in zip(sc, images):
@@ -91,7 +94,7 @@ def count_table(adapter, n: int, args) -> dict[int, dict[int, int]]:
 
 def relation_shares(adapter, n: int, args) -> dict[str, float]:
     """Among relation samples whose two objects are both found once: share placed as asked, and as the opposite."""
-    sc = scenes("relation", n, 2)
+    sc = scenes("relation", n)
     images = to_pil(sample(adapter, [prompt_of(s) for s in sc], args.seed, args.steps, args.guidance))
     asked = opposite = both = 0
     for s, img in zip(sc, images):
@@ -128,8 +131,8 @@ def main() -> None:
     print(f"relation prompts, both objects found in {rel['both_found']} of {args.n}: placed as asked "
           f"{rel['as_asked']:.2f}, as the opposite relation {rel['as_opposite']:.2f} (uniform placement: 0.25 each)")
     sens = {}
-    for kind, seed in (("relation", 2), ("count", 1)):
-        sc = scenes(kind, args.n, seed)
+    for kind in ("relation", "count"):
+        sc = scenes(kind, args.n)
         sens.update(sensitivity(adapter, [prompt_of(x) for x in sc], [edits(x) for x in sc], SENSITIVITY_SIGMAS,
                                 args.guidance, args.seed))
     print(f"how far one word moves the guided velocity, |v(edited) - v| / |v| (mean of {args.n} prompts), per noise level")

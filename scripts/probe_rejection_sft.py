@@ -49,16 +49,16 @@ def training_prompts(run: Run, n: int) -> list[str]:
     return run.prompts.at(0, n)
 
 
-def correct_latents(run: Run, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[str], int]:
+def correct_latents(run: Run, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[str]]:
     """Sample each prompt once (sample i from its own seed), keep the strictly correct ones. Returns their latents
-    ``[K, C, H, W]`` encoded the way pretraining encodes renders, their prompts, and the number sampled."""
+    ``[K, C, H, W]`` encoded the way pretraining encodes renders, and their prompts."""
     images = stills(sample_images(run, prompts, seed))
     ok = shapes_reward(images, prompts)["strict"] > 0.5
     vae = run.adapter.pipe.vae
     with torch.no_grad():
         z = vae.encode(images[ok] * 2 - 1).latent_dist.mode()
         z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-    return z, [p for p, k in zip(prompts, ok.tolist()) if k], len(prompts)
+    return z, [p for p, k in zip(prompts, ok.tolist()) if k]
 
 
 def sft(run: Run, z: torch.Tensor, prompts: list[str], steps: int, batch: int, seed: int,
@@ -112,8 +112,8 @@ def main() -> None:
         prompts = [p for p in training_prompts(run, args.prompts) for _ in range(args.per_prompt)]
         if not prompts or not in_grammar(prompts):
             sys.exit(f"probe_rejection_sft: {args.config}: data.prompts gives no prompts of the shapes grammar to sample")
-        z, kept, sampled = correct_latents(run, prompts, SAMPLE_SEED)
-        print(f"kept {len(kept)} strictly correct of {sampled} samples of {len(set(prompts))} training prompts "
+        z, kept = correct_latents(run, prompts, SAMPLE_SEED)
+        print(f"kept {len(kept)} strictly correct of {len(prompts)} samples of {len(set(prompts))} training prompts "
               f"({time.time() - t0:.0f} s)")
         if not kept:
             sys.exit("probe_rejection_sft: no strictly correct sample to fine-tune on; raise --per-prompt")
@@ -125,7 +125,7 @@ def main() -> None:
     print(f"{head}: base {base['accuracy']:.3f} -> after {args.sft_steps} fine-tuning steps {final['accuracy']:.3f}")
     for key in sorted(k for k in base if k != "accuracy"):
         print(f"  {key}: {base[key]:.3f} -> {final[key]:.3f}")
-    print(json.dumps({"kept": len(kept), "sampled": sampled, "sft_steps": args.sft_steps, "empty": args.empty, "base": base, "final": final,
+    print(json.dumps({"kept": len(kept), "sampled": len(prompts), "sft_steps": args.sft_steps, "empty": args.empty, "base": base, "final": final,
                       "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                       "wall_s": round(time.time() - t0, 1)}))
 
