@@ -5,7 +5,7 @@ pulled towards (r, g, b, 0), and the decoder sees it with a little noise so it f
 free-form latent code reconstructs as well but the transformer then denoises well from half noise yet draws
 fragments from pure noise (measured); in pixel-like latents objects are flat regions, which it learns in minutes.
 Stage 2 trains the SD3 transformer and the three text encoders jointly with the rectified-flow loss
-(x_s = (1 - s) z + s eps, target eps - z, s ~ U(0, 1)) on the posterior means, with 10% of prompts dropped to "" so
+(x_s = (1 - s) z + s eps, target eps - z, s ~ U(0, 1), or shifted towards noise by ``--shift``) on the posterior means, with 10% of prompts dropped to "" so
 classifier-free guidance works, and keeps an EMA of the transformer; the EMA or the raw weights are kept, whichever
 scores higher. Every step
 draws fresh scenes from the seeded shapes grammar. Finally it scores 20-step samples per prompt kind with the
@@ -50,6 +50,13 @@ def batch(rng: random.Random, n: int, kind_weights: Optional[dict[str, float]] =
         images.append(np.asarray(render(scene, rng)))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return prompts, x
+
+
+def shifted_levels(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels ``shift * u / (1 + (shift - 1) * u)`` for ``u ~ U(0, 1)``, any shape (SD3's timestep shift):
+    ``shift`` 1 keeps them uniform; ``shift`` > 1 spends more of training at high noise, where the layout (where each
+    object goes, how many there are) is decided. The median level is ``shift / (1 + shift)``."""
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def parse_kind_weights(spec: Optional[str]) -> Optional[dict[str, float]]:
@@ -103,7 +110,7 @@ def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 MODULES = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-RESUME_KEYS = ("seed", "vae_steps", "steps", "batch", "lr", "init", "cosine", "kind_weights")
+RESUME_KEYS = ("seed", "vae_steps", "steps", "batch", "lr", "init", "cosine", "kind_weights", "shift")
 """Arguments a resumed run must share with the run that wrote its checkpoints."""
 
 
@@ -147,11 +154,12 @@ class Checkpoints:
 
 def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine: bool = False,
                kind_weights: Optional[dict[str, float]] = None, ckpts: Optional[Checkpoints] = None,
-               resume: Optional[tuple[dict, dict, dict]] = None, elapsed: float = 0.0) -> tuple[torch.nn.Module, float]:
+               resume: Optional[tuple[dict, dict, dict]] = None, elapsed: float = 0.0,
+               shift: float = 1.0) -> tuple[torch.nn.Module, float]:
     """Joint transformer + text-encoder flow matching; trains ``pipe.transformer`` and returns its EMA copy and the
     training seconds (``elapsed`` before this call included). ``ckpts`` writes checkpoints, the first before step 1
     (the VAE stage is then never redone); ``resume`` (``Checkpoints.restore_modules``' output, the modules already
-    loaded) continues from one."""
+    loaded) continues from one. ``shift`` draws noise levels by ``shifted_levels``."""
     vae, tr = pipe.vae, pipe.transformer.train()
     encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     params = list(tr.parameters()) + [p for e in encoders for p in e.parameters()]
@@ -180,7 +188,7 @@ def train_flow(pipe, steps: int, rng: random.Random, bs: int, lr: float, cosine:
         with torch.no_grad():
             z = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
         embeds, pooled = encode(pipe, prompts)
-        s = torch.rand(bs)
+        s = shifted_levels(torch.rand(bs), shift)
         eps = torch.randn_like(z)
         xs = (1 - s[:, None, None, None]) * z + s[:, None, None, None] * eps
         v = tr(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=embeds, pooled_projections=pooled,
@@ -231,6 +239,7 @@ def _run_line(i: int, run: dict) -> str:
     what = (f"the VAE for {a['vae_steps']} steps, then " if not a.get("init") else "continued: ")
     lr = f"lr {a['lr']:g}" + (" with cosine decay" if a.get("cosine") else "")
     mix = f", prompt kinds weighted {a['kind_weights']}" if a.get("kind_weights") else ""
+    mix += f", noise levels shifted by {a['shift']:g}" if a.get("shift", 1.0) != 1.0 else ""
     return (f"  {i}. {what}{a['steps']} flow-matching steps of batch {a['batch']} ({lr}{mix}), "
             f"{run['train_s'] / 60:.0f} min; kept the {'EMA' if run['weights'] == 'ema' else 'last'} weights")
 
@@ -239,7 +248,8 @@ def _command(run: dict, out: str) -> str:
     a = run["args"]
     flags = [f"--init {out}" if a.get("init") else "", f"--steps {a['steps']}", f"--lr {a['lr']:g}",
              "--cosine" if a.get("cosine") else "",
-             f"--kind-weights {a['kind_weights']}" if a.get("kind_weights") else ""]
+             f"--kind-weights {a['kind_weights']}" if a.get("kind_weights") else "",
+             f"--shift {a['shift']:g}" if a.get("shift", 1.0) != 1.0 else ""]
     return "python scripts/pretrain_tiny.py --out " + out + " " + " ".join(f for f in flags if f)
 
 
@@ -316,6 +326,8 @@ def main() -> None:
     ap.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 10%% over the run")
     ap.add_argument("--kind-weights", help="relative frequency of each prompt kind in the flow-matching batches, "
                     "e.g. single=1,count=1,pair=1,relation=3 (default: uniform)")
+    ap.add_argument("--shift", type=float, default=1.0,
+                    help="noise-level shift of the flow-matching loss (1: uniform levels; 3: median level 0.75)")
     ap.add_argument("--checkpoint-every", type=int, default=250,
                     help="flow-matching steps between checkpoints (0: none); they go to --checkpoint-dir")
     ap.add_argument("--checkpoint-dir", help="default: OUT-checkpoints beside --out; removed once the model is saved")
@@ -325,6 +337,8 @@ def main() -> None:
     ap.add_argument("--rewrite-card", action="store_true",
                     help="re-score the model at --out on the RL evaluation prompts and rewrite its card; no training")
     args = ap.parse_args()
+    if args.shift <= 0:
+        raise SystemExit(f"--shift {args.shift:g}: the noise-level shift must be positive (1 keeps levels uniform)")
     if args.rewrite_card:
         rewrite_card(Path(args.out))
         return
@@ -362,7 +376,7 @@ def main() -> None:
         return
     ema, train_s = train_flow(pipe, args.steps, rng, args.batch, args.lr, args.cosine,
                               parse_kind_weights(args.kind_weights), ckpts if args.checkpoint_every else None, resume,
-                              time.time() - t0)
+                              time.time() - t0, args.shift)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
         m.eval().requires_grad_(False)
     candidates, selection = {"raw": pipe.transformer, "ema": ema}, {}

@@ -57,6 +57,32 @@ def test_kind_weights_parse_and_reach_the_card():
     assert module._command(run, "OUT") == ("python scripts/pretrain_tiny.py --out OUT --init OUT --steps 10 --lr 0.0008 "
                                            "--cosine --kind-weights relation=4")
     assert "prompt kinds weighted relation=4" in module._run_line(1, run)
+    assert "shifted" not in module._run_line(1, run)
+    run["args"]["shift"] = 3.0
+    assert module._command(run, "OUT").endswith("--kind-weights relation=4 --shift 3")
+    assert "prompt kinds weighted relation=4, noise levels shifted by 3)" in module._run_line(1, run)
+
+
+def test_shifted_levels_follow_their_distribution():
+    """``shifted_levels(u, k)`` for uniform ``u`` has CDF P(s <= x) = x / (k - (k - 1) x), inverted by hand from
+    s = k u / (1 + (k - 1) u); shift 1 is the identity."""
+    import torch
+
+    shifted_levels = load_script("pretrain_tiny").shifted_levels
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shifted_levels(u, 1.0), u)
+    s = shifted_levels(u, 3.0)
+    for x in (0.1, 0.3, 0.5, 0.75, 0.9):
+        assert abs((s <= x).float().mean().item() - x / (3 - 2 * x)) < 0.005
+    assert abs(s.median().item() - 0.75) < 0.005
+    assert s.min() >= 0 and s.max() <= 1
+
+
+def test_nonpositive_shift_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_tiny.py"), "--out", str(tmp_path),
+                           "--shift", "0"], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert done.returncode != 0
+    assert "--shift 0: the noise-level shift must be positive" in done.stderr
 
 
 def test_weighted_batches_draw_only_weighted_kinds():
