@@ -11,6 +11,7 @@ relation word, the word order, the count word and a colour word; a word the mode
 Ends with one JSON line.
 
     python scripts/probe_conditioning.py [--model assets/tiny-sd3-shapes] [--lora RUN/lora] [--n 96]
+    python scripts/probe_conditioning.py --checkpoint OUT-checkpoints/checkpoint-003500   # a pretraining run, mid-way
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffrl import checkpoint  # noqa: E402
 from diffrl.inference import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, load_for_inference, sample  # noqa: E402
 from diffrl.shapes import COLORS, Obj, Scene, prompt_of, random_scene  # noqa: E402
 from rewards.shapes import _relation_holds, detect, to_pil  # noqa: E402
@@ -74,6 +76,26 @@ def sensitivity(adapter, prompts: list[str], edited: list[dict[str, str]], sigma
     return out
 
 
+PRETRAINED_MODULES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def load_pretraining_checkpoint(adapter, path: str, weights: str = "ema") -> None:
+    """Put the text encoders and the transformer (``weights``: its EMA, or the raw ``transformer``) of a
+    ``scripts/pretrain_tiny.py`` checkpoint into ``adapter``'s pipeline, so a pretraining run can be probed while it
+    runs. The VAE stays the adapter's: the flow-matching stage does not train it."""
+    if not Path(path, "state.json").is_file():
+        raise SystemExit(f"--checkpoint {path}: not a checkpoint folder (pretrain_tiny.py writes them to OUT-checkpoints/"
+                         "checkpoint-NNNNNN)")
+    tensors, _, _ = checkpoint.load(Path(path))
+    missing = [m for m in (*PRETRAINED_MODULES, weights) if m not in tensors]
+    if missing:
+        raise SystemExit(f"--checkpoint {path}: holds no {', '.join(missing)} weights; pretrain_tiny.py's checkpoints "
+                         "hold the transformer, its EMA and the text encoders")
+    for name in PRETRAINED_MODULES:
+        getattr(adapter.pipe, name).load_state_dict(tensors[name])
+    adapter.pipe.transformer.load_state_dict(tensors[weights])
+
+
 def scenes(kind: str, n: int) -> list:
     """``n`` random scenes of a kind, from the kind's ``SCENE_SEEDS`` seed."""
     rng = random.Random(SCENE_SEEDS[kind])
@@ -112,12 +134,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="assets/tiny-sd3-shapes")
     ap.add_argument("--lora")
+    ap.add_argument("--checkpoint", help="a scripts/pretrain_tiny.py checkpoint folder: probe its weights in --model")
+    ap.add_argument("--checkpoint-weights", choices=("ema", "transformer"), default="ema",
+                    help="the checkpoint's transformer EMA or its raw weights")
     ap.add_argument("--n", type=int, default=96, help="prompts of each kind")
     ap.add_argument("--steps", type=int, default=EVAL_STEPS)
     ap.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     args = ap.parse_args()
     adapter = load_for_inference(args.model, args.lora)
+    if args.checkpoint:
+        load_pretraining_checkpoint(adapter, args.checkpoint, args.checkpoint_weights)
     table = count_table(adapter, args.n, args)
     print("count prompts: objects found (columns) per number asked (rows), share of the row")
     cols = sorted({f for row in table.values() for f in row})

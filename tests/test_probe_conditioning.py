@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffrl.shapes import Obj, Scene
-from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
+from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV, load_script
 
 
 def test_edits_change_one_word():
@@ -56,3 +56,32 @@ def test_tiny_run_ends_with_its_json():
                                        "count word changed", "count: colour changed"}
     for row in out["sensitivity"].values():
         assert list(row) == ["0.98", "0.9", "0.7", "0.5"] and all(v >= 0 for v in row.values())
+
+
+def test_pretraining_checkpoint_weights_reach_the_probed_model(tmp_path):
+    from diffrl import checkpoint
+    from diffrl.inference import load_for_inference
+
+    probe = load_script("probe_conditioning")
+    adapter = load_for_inference(MODEL)
+    pipe = adapter.pipe
+    tensors = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+               for name in probe.PRETRAINED_MODULES}
+    raw = {k: v + 1.0 for k, v in pipe.transformer.state_dict().items()}
+    ema = {k: v + 2.0 for k, v in pipe.transformer.state_dict().items()}
+    tensors["text_encoder_3"] = {k: v + 3.0 for k, v in tensors["text_encoder_3"].items()}
+    key = next(iter(raw))
+    path = checkpoint.save(tmp_path, 7, {**tensors, "transformer": raw, "ema": ema}, {}, {})
+    probe.load_pretraining_checkpoint(adapter, str(path), "transformer")
+    assert torch.equal(pipe.transformer.state_dict()[key], raw[key])
+    probe.load_pretraining_checkpoint(adapter, str(path), "ema")
+    assert torch.equal(pipe.transformer.state_dict()[key], ema[key])
+    t5_key = "encoder.final_layer_norm.weight"
+    assert torch.equal(pipe.text_encoder_3.state_dict()[t5_key], tensors["text_encoder_3"][t5_key])
+
+    (tmp_path / "bare").mkdir()
+    bare = checkpoint.save(tmp_path / "bare", 1, {"transformer": raw}, {}, {})
+    with pytest.raises(SystemExit, match="holds no text_encoder, text_encoder_2, text_encoder_3, ema weights"):
+        probe.load_pretraining_checkpoint(adapter, str(bare), "ema")
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        probe.load_pretraining_checkpoint(adapter, str(tmp_path / "nowhere"), "ema")
