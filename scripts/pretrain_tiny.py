@@ -294,9 +294,9 @@ On the count/relation prompts RL is evaluated on (`diffrl eval --model assets/ti
 {rl["accuracy"]:.3f} on {rl_n} prompts (count {rl["accuracy_count"]:.3f}, relation {rl["accuracy_relation"]:.3f}).
 `python scripts/probe_headroom.py` measures pass@k of the base on the main job's held-out prompts.
 
-**Status.** An RL starting point: single objects should be mostly right and counts and relations mostly wrong (the
-strict scores above). What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl README
-("Status of the embedded model").
+**Status.** An RL starting point: the strict scores above say what it already gets right and what is left for RL.
+What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl README ("Status of the embedded
+model").
 """)
 
 
