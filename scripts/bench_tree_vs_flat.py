@@ -4,10 +4,13 @@ Runs a config (default: the clipped-ratio tree recipe ``configs/tiny_shapes_tree
 prompts, seeds, steps and leaves per prompt: once with a tree (``--splits``, default the config's
 ``sampler.split_steps``; 1 tree per prompt; depth-wise advantages for the clipped ratio, leaf GRPO for DiffusionNFT,
 which trains on leaves) and once flat (no splits, as many chains per prompt as the tree has leaves, group
-z-scored). Prints a table of each run's cost and the time each takes to reach a target reward (90% of the way from
-the first to the best smoothed reward the flat run reaches), then one JSON line.
+z-scored). The target is the flat run's final reward (its trailing mean over the last ``SMOOTH`` steps: what flat
+GRPO reaches on the budget); each run's time to target is the rollout and training time up to the first step whose
+trailing mean over a full window of ``SMOOTH`` steps reaches it (a window of one or two steps' rewards, which swing
+with the prompts, would let a lucky first step count). Prints a table and one JSON line; with ``--out`` keeps both
+run directories there and writes ``tree_vs_flat.png`` (smoothed reward against wall-clock seconds).
 
-    python scripts/bench_tree_vs_flat.py [--steps 30] [key=value overrides ...]
+    python scripts/bench_tree_vs_flat.py [--steps 30] [--out DIR] [key=value overrides ...]
     python scripts/bench_tree_vs_flat.py --config configs/tiny_shapes.yaml --splits 0,1,2   # the main job (NFT)
 """
 from __future__ import annotations
@@ -17,12 +20,13 @@ import json
 import platform
 import os
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 from diffrl.config import load_config
 from diffrl.trainer import train
 from diffrl.tree import TreeSchedule
-from diffrl.viz import running_mean
+from diffrl.viz import line_plot, running_mean
 
 SMOOTH = 5
 
@@ -41,11 +45,20 @@ def smoothed(values: list[float]) -> list[float]:
     return running_mean(values, SMOOTH)
 
 
-def time_to(target: float, metrics: list[dict]) -> Optional[float]:
-    t = 0.0
-    for m, r in zip(metrics, smoothed([m["reward_mean"] for m in metrics])):
+def elapsed(metrics: list[dict]) -> list[float]:
+    """Rollout plus training seconds up to the end of each step."""
+    t, out = 0.0, []
+    for m in metrics:
         t += m["rollout_s"] + m["train_s"]
-        if r >= target:
+        out.append(t)
+    return out
+
+
+def time_to(target: float, metrics: list[dict]) -> Optional[float]:
+    """Seconds until the first step whose trailing mean over a full ``SMOOTH``-step window reaches ``target``."""
+    curve = smoothed([m["reward_mean"] for m in metrics])
+    for i, (t, r) in enumerate(zip(elapsed(metrics), curve)):
+        if i + 1 >= SMOOTH and r >= target:
             return t
     return None
 
@@ -55,10 +68,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--config", default="configs/tiny_shapes_tree.yaml")
     ap.add_argument("--splits", help="the tree's split steps, comma-separated (default: the config's)")
+    ap.add_argument("--out", help="keep both run directories here (tree/, flat/) and write tree_vs_flat.png")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     common = [f"train.steps={args.steps}", "log.eval_every=0", "log.sample_every=0", "log.tensorboard=false",
               *args.overrides]
+    if args.steps < SMOOTH:
+        raise SystemExit(f"--steps {args.steps}: the reward is smoothed over {SMOOTH} steps, so run at least {SMOOTH}")
     if args.splits is not None:
         common.append(f"sampler.split_steps=[{args.splits}]")
     cfg = load_config(args.config, common)
@@ -67,12 +83,16 @@ def main() -> None:
     leaves = TreeSchedule(cfg.sampler.num_steps, cfg.sampler.split_steps, cfg.sampler.branch_factor).num_leaves
     tree_adv = "tree" if cfg.train.objective == "ppo" else "grpo"
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or tmp
         tree = run(args.config, common + ["train.trees_per_prompt=1", f"train.advantage={tree_adv}"],
-                   os.path.join(tmp, "tree"))
+                   os.path.join(root, "tree"))
         flat = run(args.config, common + ["sampler.split_steps=[]", f"train.trees_per_prompt={leaves}",
-                                          "train.advantage=grpo"], os.path.join(tmp, "flat"))
-    flat_s = smoothed([m["reward_mean"] for m in flat[0]])
-    target = flat_s[0] + 0.9 * (max(flat_s) - flat_s[0])
+                                          "train.advantage=grpo"], os.path.join(root, "flat"))
+    target = smoothed([m["reward_mean"] for m in flat[0]])[-1]
+    if args.out:
+        line_plot({name: (elapsed(ms), smoothed([m["reward_mean"] for m in ms])) for name, (ms, _) in
+                   (("tree", tree), ("flat", flat))}, Path(args.out) / "tree_vs_flat.png",
+                  f"training reward (trailing mean of {SMOOTH} steps), target {target:.3f}", x_label="wall s")
     rows = {}
     for name, (ms, summary) in (("tree", tree), ("flat", flat)):
         secs = sum(m["rollout_s"] + m["train_s"] for m in ms)
@@ -80,14 +100,17 @@ def main() -> None:
                       "s_per_step": round(secs / len(ms), 2), "nfe_per_step": ms[0]["nfe"],
                       "final_reward": round(smoothed([m["reward_mean"] for m in ms])[-1], 4),
                       "base_accuracy": summary["base_accuracy"], "final_accuracy": summary["final_accuracy"]}
-    print(f"target reward (smoothed over {SMOOTH} steps): {target:.4f}\n")
+    ratio = (rows["tree"]["time_to_target_s"] / rows["flat"]["time_to_target_s"]
+             if rows["tree"]["time_to_target_s"] is not None else None)
+    print(f"target: flat's final reward (mean of its last {SMOOTH} steps) {target:.4f}; tree / flat time to target: "
+          f"{'not reached' if ratio is None else f'{ratio:.2f}x'}\n")
     print("| rollouts | NFE / step | s / step | time to target (s) | final reward | held-out accuracy (base -> final) |\n"
           "|---|---:|---:|---:|---:|---|")
     for name, r in rows.items():
         ttt = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"
         print(f"| {name} | {r['nfe_per_step']} | {r['s_per_step']} | {ttt} | {r['final_reward']} | "
               f"{r['base_accuracy']:.3f} -> {r['final_accuracy']:.3f} |")
-    print(json.dumps({"target": target, **rows, "steps": args.steps, "config": args.config, "leaves": leaves,
+    print(json.dumps({"target": target, "time_ratio": ratio, **rows, "steps": args.steps, "config": args.config, "leaves": leaves,
                       "machine": f"{platform.machine()} / {os.cpu_count()} cpus"}))
 
 

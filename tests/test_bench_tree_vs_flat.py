@@ -13,12 +13,14 @@ def test_smoothed_is_the_trailing_mean():
     assert load_script("bench_tree_vs_flat").smoothed([1.0, 3.0, 2.0, 6.0, 8.0, 9.0]) == [1.0, 2.0, 2.0, 3.0, 4.0, 5.6]
 
 
-def test_time_to_target_counts_rollout_and_training_time():
-    metrics = [{"reward_mean": r, "rollout_s": 1.0, "train_s": 2.0} for r in (0.0, 0.0, 1.0, 1.0, 1.0)]
+def test_time_to_target_needs_a_full_window():
+    metrics = [{"reward_mean": r, "rollout_s": 1.0, "train_s": 2.0} for r in (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0)]
     bench = load_script("bench_tree_vs_flat")
-    # smoothed over 5 steps: 0, 0, 1/3, 1/2, 3/5; each step costs 3 s
-    assert bench.time_to(0.5, metrics) == pytest.approx(12.0)
-    assert bench.time_to(0.6, metrics) == pytest.approx(15.0)
+    assert bench.elapsed(metrics) == pytest.approx([3.0 * k for k in range(1, 9)])
+    # the lucky first step (smoothed 1.0 over a window of one) does not count; full windows from step 5:
+    # 1/5, 1/5, 2/5, 3/5 at 15, 18, 21 and 24 s
+    assert bench.time_to(0.2, metrics) == pytest.approx(15.0)
+    assert bench.time_to(0.5, metrics) == pytest.approx(24.0)
     assert bench.time_to(0.7, metrics) is None
 
 
