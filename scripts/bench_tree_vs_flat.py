@@ -88,17 +88,19 @@ def main() -> None:
                    os.path.join(root, "tree"))
         flat = run(args.config, common + ["sampler.split_steps=[]", f"train.trees_per_prompt={leaves}",
                                           "train.advantage=grpo"], os.path.join(root, "flat"))
-    target = smoothed([m["reward_mean"] for m in flat[0]])[-1]
+    runs = {"tree": tree, "flat": flat}
+    curves = {name: smoothed([m["reward_mean"] for m in ms]) for name, (ms, _) in runs.items()}
+    target = curves["flat"][-1]
     if args.out:
-        line_plot({name: (elapsed(ms), smoothed([m["reward_mean"] for m in ms])) for name, (ms, _) in
-                   (("tree", tree), ("flat", flat))}, Path(args.out) / "tree_vs_flat.png",
+        line_plot({name: (elapsed(ms), curves[name]) for name, (ms, _) in runs.items()},
+                  Path(args.out) / "tree_vs_flat.png",
                   f"training reward (trailing mean of {SMOOTH} steps), target {target:.3f}", x_label="wall s")
     rows = {}
-    for name, (ms, summary) in (("tree", tree), ("flat", flat)):
-        secs = sum(m["rollout_s"] + m["train_s"] for m in ms)
+    for name, (ms, summary) in runs.items():
+        secs = elapsed(ms)[-1]
         rows[name] = {"time_to_target_s": time_to(target, ms), "total_s": round(secs, 1),
                       "s_per_step": round(secs / len(ms), 2), "nfe_per_step": ms[0]["nfe"],
-                      "final_reward": round(smoothed([m["reward_mean"] for m in ms])[-1], 4),
+                      "final_reward": round(curves[name][-1], 4),
                       "base_accuracy": summary["base_accuracy"], "final_accuracy": summary["final_accuracy"]}
     ratio = (rows["tree"]["time_to_target_s"] / rows["flat"]["time_to_target_s"]
              if rows["tree"]["time_to_target_s"] is not None else None)
@@ -110,8 +112,8 @@ def main() -> None:
         ttt = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"
         print(f"| {name} | {r['nfe_per_step']} | {r['s_per_step']} | {ttt} | {r['final_reward']} | "
               f"{r['base_accuracy']:.3f} -> {r['final_accuracy']:.3f} |")
-    print(json.dumps({"target": target, "time_ratio": ratio, **rows, "steps": args.steps, "config": args.config, "leaves": leaves,
-                      "machine": f"{platform.machine()} / {os.cpu_count()} cpus"}))
+    print(json.dumps({"target": target, "time_ratio": ratio, **rows, "steps": args.steps, "config": args.config,
+                      "leaves": leaves, "machine": f"{platform.machine()} / {os.cpu_count()} cpus"}))
 
 
 if __name__ == "__main__":
