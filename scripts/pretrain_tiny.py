@@ -225,13 +225,14 @@ def evaluate(pipe, n_per_kind: int, seed: int, guidance: float = 4.5, steps: int
     return out
 
 
-def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N) -> dict[str, float]:
+def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N, guidance: float = 4.5) -> dict[str, float]:
     """Strict accuracy of the saved model on the ``n`` held-out count/relation prompts RL is evaluated on, scored as
-    ``diffrl eval --model DIR --n n`` scores them (same prompts, sampler and seed)."""
+    ``diffrl eval --model DIR --n n --guidance g`` scores them (same prompts, sampler and seed)."""
     from diffrl.inference import eval_accuracy, load_for_inference
     from diffrl.prompts import eval_prompts
 
-    return eval_accuracy(load_for_inference(str(model_dir)), eval_prompts("shapes:count,relation", n))
+    return eval_accuracy(load_for_inference(str(model_dir)), eval_prompts("shapes:count,relation", n),
+                         guidance=guidance)
 
 
 def _run_line(i: int, run: dict) -> str:
@@ -251,6 +252,15 @@ def _command(run: dict, out: str) -> str:
              f"--kind-weights {a['kind_weights']}" if a.get("kind_weights") else "",
              f"--shift {a['shift']:g}" if a.get("shift", 1.0) != 1.0 else ""]
     return "python scripts/pretrain_tiny.py --out " + out + " " + " ".join(f for f in flags if f)
+
+
+def _cfg_free_line(card: dict) -> str:
+    """The card's sentence on the CFG-free score (the main job's sampler), where ``--rewrite-card`` measured it."""
+    if "rl_eval_cfg_free" not in card:
+        return ""
+    r, n = card["rl_eval_cfg_free"], card["rl_eval_n"]
+    return (f"Without classifier-free guidance, the main job's sampler (`... --n {n} --guidance 1`): strict "
+            f"{r['accuracy']:.3f} (count {r['accuracy_count']:.3f}, relation {r['accuracy_relation']:.3f}).\n")
 
 
 def write_card(out: Path, card: dict) -> None:
@@ -292,7 +302,7 @@ guidance 4.5, seed {a["seed"]}:
 
 On the count/relation prompts RL is evaluated on (`diffrl eval --model assets/tiny-sd3-shapes --n {rl_n}`): strict
 {rl["accuracy"]:.3f} on {rl_n} prompts (count {rl["accuracy_count"]:.3f}, relation {rl["accuracy_relation"]:.3f}).
-`python scripts/probe_headroom.py` measures pass@k of the base on the main job's held-out prompts.
+{_cfg_free_line(card)}`python scripts/probe_headroom.py` measures pass@k of the base on the main job's held-out prompts.
 
 **Status.** An RL starting point: the strict scores above say what it already gets right and what is left for RL.
 What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl README ("Status of the embedded
@@ -307,9 +317,10 @@ def rewrite_card(out: Path) -> None:
         raise SystemExit(f"pretrain_tiny: {path} does not exist: --rewrite-card needs a model this script saved")
     card = json.loads(path.read_text())
     card["rl_eval"], card["rl_eval_n"] = rl_eval_scores(out), RL_EVAL_N
+    card["rl_eval_cfg_free"] = rl_eval_scores(out, guidance=1.0)
     path.write_text(json.dumps(card, indent=2))
     write_card(out, card)
-    print(json.dumps(card["rl_eval"]))
+    print(json.dumps({"guidance 4.5": card["rl_eval"], "guidance 1": card["rl_eval_cfg_free"]}))
 
 
 def main() -> None:
@@ -392,7 +403,8 @@ def main() -> None:
     run = {"args": vars(args), "train_s": round(train_s, 1), "weights": chosen, "selection": selection}
     card = {**run, "history": history + [run], "torch": torch.__version__, "vae_reconstruction_strict": vae_acc,
             "base_scores": scores, "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-            "rl_eval": rl_eval_scores(out, args.rl_eval_n), "rl_eval_n": args.rl_eval_n}
+            "rl_eval": rl_eval_scores(out, args.rl_eval_n), "rl_eval_n": args.rl_eval_n,
+            "rl_eval_cfg_free": rl_eval_scores(out, args.rl_eval_n, guidance=1.0)}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     write_card(out, card)
     shutil.rmtree(ckpts.dir, ignore_errors=True)  # the model is saved whole: its checkpoints are spent

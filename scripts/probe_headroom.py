@@ -5,9 +5,10 @@ best of its k samples would score pass@k (the share of prompts with at least one
 unbiased estimator from ``n`` samples per prompt). pass@1 is the held-out strict accuracy the trainer reports;
 pass@k for growing k is the ceiling of pure sharpening, and the share of prompts with no correct sample in ``n``
 is what only learning something new can fix. Same prompts (``data.eval_prompts``, ``data.eval_size`` of the
-config) and sampler as the trainer's evaluation: deterministic Euler, CFG. Ends with one JSON line.
+config) and sampler as the trainer's evaluation: deterministic Euler, the config's guidance. Ends with one JSON line.
 
     python scripts/probe_headroom.py [--config configs/tiny_shapes.yaml] [--lora RUN/lora] [--n 16] [--prompts N]
+        [key=value ...]
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="samples per prompt, each from its own seed")
     ap.add_argument("--prompts", type=int, help="held-out prompts (default: the config's data.eval_size)")
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides (sampler.guidance_scale=4.5, ...)")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     prompts = eval_prompts(cfg.data.eval_prompts, args.prompts or cfg.data.eval_size)
     if not in_grammar(prompts):
         sys.exit(f"probe_headroom: {args.config}: data.eval_prompts {cfg.data.eval_prompts!r} holds prompts outside "

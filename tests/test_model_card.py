@@ -19,8 +19,10 @@ def test_card_is_rebuilt_whole_from_training_json(tmp_path):
     card = json.loads((ROOT / "assets" / "tiny-sd3-shapes" / "training.json").read_text())
     card["rl_eval"] = {"accuracy": 0.4375, "accuracy_count": 0.5, "accuracy_relation": 0.375}
     card["rl_eval_n"] = 16
+    card["rl_eval_cfg_free"] = {"accuracy": 0.25, "accuracy_count": 0.125, "accuracy_relation": 0.375}
     load_script("pretrain_tiny").write_card(tmp_path, card)
     text = (tmp_path / "README.md").read_text()
+    assert "(`... --n 16 --guidance 1`): strict 0.250 (count 0.125, relation 0.375)." in text
     assert "`diffrl eval --model assets/tiny-sd3-shapes --n 16`): strict\n0.438 on 16 prompts (count 0.500, relation " \
         "0.375)" in text
     assert "**Status.**" in text
