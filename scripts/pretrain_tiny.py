@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from diffrl import checkpoint
 from diffrl.adapters.tiny import T5_LEN, tiny_sd3_pipeline
+from diffrl.inference import EVAL_GUIDANCE
 from diffrl.shapes import KINDS, prompt_of, random_scene, render
 from rewards.shapes import shapes_reward
 
@@ -225,7 +226,7 @@ def evaluate(pipe, n_per_kind: int, seed: int, guidance: float = 4.5, steps: int
     return out
 
 
-def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N, guidance: float = 4.5) -> dict[str, float]:
+def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N, guidance: float = EVAL_GUIDANCE) -> dict[str, float]:
     """Strict accuracy of the saved model on the ``n`` held-out count/relation prompts RL is evaluated on, scored as
     ``diffrl eval --model DIR --n n --guidance g`` scores them (same prompts, sampler and seed)."""
     from diffrl.inference import eval_accuracy, load_for_inference
@@ -233,6 +234,12 @@ def rl_eval_scores(model_dir: Path, n: int = RL_EVAL_N, guidance: float = 4.5) -
 
     return eval_accuracy(load_for_inference(str(model_dir)), eval_prompts("shapes:count,relation", n),
                          guidance=guidance)
+
+
+def rl_eval_card(model_dir: Path, n: int) -> dict:
+    """The card's RL-evaluation entries: scores with the default guidance and without guidance (the main job's)."""
+    return {"rl_eval": rl_eval_scores(model_dir, n), "rl_eval_n": n,
+            "rl_eval_cfg_free": rl_eval_scores(model_dir, n, guidance=1.0)}
 
 
 def _run_line(i: int, run: dict) -> str:
@@ -255,9 +262,7 @@ def _command(run: dict, out: str) -> str:
 
 
 def _cfg_free_line(card: dict) -> str:
-    """The card's sentence on the CFG-free score (the main job's sampler), where ``--rewrite-card`` measured it."""
-    if "rl_eval_cfg_free" not in card:
-        return ""
+    """The card's sentence on the CFG-free score (the main job's sampler)."""
     r, n = card["rl_eval_cfg_free"], card["rl_eval_n"]
     return (f"Without classifier-free guidance, the main job's sampler (`... --n {n} --guidance 1`): strict "
             f"{r['accuracy']:.3f} (count {r['accuracy_count']:.3f}, relation {r['accuracy_relation']:.3f}).\n")
@@ -316,8 +321,7 @@ def rewrite_card(out: Path) -> None:
     if not path.is_file():
         raise SystemExit(f"pretrain_tiny: {path} does not exist: --rewrite-card needs a model this script saved")
     card = json.loads(path.read_text())
-    card["rl_eval"], card["rl_eval_n"] = rl_eval_scores(out), RL_EVAL_N
-    card["rl_eval_cfg_free"] = rl_eval_scores(out, guidance=1.0)
+    card.update(rl_eval_card(out, RL_EVAL_N))
     path.write_text(json.dumps(card, indent=2))
     write_card(out, card)
     print(json.dumps({"guidance 4.5": card["rl_eval"], "guidance 1": card["rl_eval_cfg_free"]}))
@@ -403,8 +407,7 @@ def main() -> None:
     run = {"args": vars(args), "train_s": round(train_s, 1), "weights": chosen, "selection": selection}
     card = {**run, "history": history + [run], "torch": torch.__version__, "vae_reconstruction_strict": vae_acc,
             "base_scores": scores, "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-            "rl_eval": rl_eval_scores(out, args.rl_eval_n), "rl_eval_n": args.rl_eval_n,
-            "rl_eval_cfg_free": rl_eval_scores(out, args.rl_eval_n, guidance=1.0)}
+            **rl_eval_card(out, args.rl_eval_n)}
     (out / "training.json").write_text(json.dumps(card, indent=2))
     write_card(out, card)
     shutil.rmtree(ckpts.dir, ignore_errors=True)  # the model is saved whole: its checkpoints are spent
