@@ -324,7 +324,7 @@ def rewrite_card(out: Path) -> None:
     card.update(rl_eval_card(out, RL_EVAL_N))
     path.write_text(json.dumps(card, indent=2))
     write_card(out, card)
-    print(json.dumps({"guidance 4.5": card["rl_eval"], "guidance 1": card["rl_eval_cfg_free"]}))
+    print(json.dumps({f"guidance {EVAL_GUIDANCE:g}": card["rl_eval"], "guidance 1": card["rl_eval_cfg_free"]}))
 
 
 def main() -> None:
