@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` holding ``lora.safetensors`` (and ``ema.safetensors``), the optimizer
 state (``optimizer.pt``, read back with ``weights_only=True``) and ``state.json`` (step, metrics history, RNG
-states). It is written under a temporary name and renamed into place, so a half-written one is never picked up.
+states); a sharded (FSDP) run's holds ``sharded/`` (``torch.distributed.checkpoint``: every process's shards of
+the trained weights, EMA and optimizer state) and ``state.json``. It is written under a temporary name and renamed into place, so a half-written one is never picked up.
 """
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     for name, sd in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")
-    rng = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng}))
+    _write_state(tmp, step, state)
     final = run_dir / f"checkpoint-{step:06d}"
     if final.exists():
         shutil.rmtree(final)
@@ -39,6 +39,55 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     for old in sorted(run_dir.glob("checkpoint-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict, rank: int) -> Path:
+    """``save`` for FSDP runs, called by every process: ``sharded`` (DTensors: the trained parameters, their EMA,
+    the optimizer state) goes through ``torch.distributed.checkpoint``, each process writing only its own shards
+    into ``checkpoint-<step>/sharded``; the first process adds ``state.json`` and renames the folder into place once
+    every shard is written, so a half-written checkpoint is never picked up. No process gathers whole weights."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".tmp-checkpoint-{step:06d}"
+    if rank == 0:
+        for stale in run_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    dcp.save(sharded, checkpoint_id=str(tmp / "sharded"))  # a collective; returns once every process has written
+    final = run_dir / f"checkpoint-{step:06d}"
+    if rank == 0:
+        _write_state(tmp, step, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(run_dir.glob("checkpoint-*"))[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded(path: Path, sharded: dict[str, Any]) -> dict:
+    """Fill ``sharded`` (laid out as ``save_sharded`` wrote it) in place from checkpoint ``path``, each process
+    reading its own shards; restores the RNG states and returns the state dict."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    dcp.load(sharded, checkpoint_id=str(path / "sharded"))
+    return _read_state(path)
+
+
+def _write_state(folder: Path, step: int, state: dict) -> None:
+    rng = {"python": _jsonable(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    (folder / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng}))
+
+
+def _read_state(folder: Path) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    random.setstate(_tupled(state["rng"]["python"]))
+    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+    return state
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -60,10 +109,7 @@ def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     path = Path(path)
     tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
     optimizer = torch.load(path / "optimizer.pt", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
-    random.setstate(_tupled(state["rng"]["python"]))
-    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
-    return tensors, optimizer, state
+    return tensors, optimizer, _read_state(path)
 
 
 def _jsonable(x: Any) -> Any:

@@ -35,9 +35,13 @@ class ModelConfig:
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
     fsdp: bool = False
-    """Full fine-tuning (``lora_rank: 0``) under several processes (``accelerate launch``, ``torchrun``): shard the
-    denoisers and their reference copy with FSDP2, so each process holds 1/N of the weights, gradients and optimizer
-    state."""
+    """Under several processes (``accelerate launch``, ``torchrun``): shard the denoisers with FSDP2, so each process
+    holds 1/N of the weights, gradients and optimizer state. LoRA: the frozen base is sharded with its adapters;
+    full fine-tuning (``lora_rank: 0``): the frozen reference copy too. Each process reads only its shard of the
+    checkpoint, and checkpoints are sharded (``torch.distributed.checkpoint``)."""
+    fsdp_cpu_offload: bool = False
+    """With ``fsdp``: keep the shards, gradients and optimizer state in CPU memory (slower; for models whose shards
+    do not fit the GPUs)."""
     offload: bool = False
     """Keep the text encoders and the VAE on the CPU, on the device only while they encode or decode."""
     gradient_checkpointing: bool = False
@@ -302,9 +306,11 @@ def validate(cfg: Config, where: str) -> list[str]:
                 "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size,
                 "data.eval_seeds": cfg.data.eval_seeds}
     errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
-    if cfg.model.fsdp and (cfg.model.lora_rank != 0 or cfg.explore.enabled or t.objective != "ppo" or t.ema_decay > 0):
-        errors.append(f"{where}: 'model.fsdp' shards full fine-tuning: it needs 'model.lora_rank' 0, 'train.objective' "
-                      "ppo, no 'train.ema_decay' and no 'explore'")
+    if cfg.model.fsdp and cfg.explore.enabled:
+        errors.append(f"{where}: 'model.fsdp' and 'explore' do not combine yet (the low-precision copy of the policy "
+                      "would be a whole unsharded model per process)")
+    if cfg.model.fsdp_cpu_offload and not cfg.model.fsdp:
+        errors.append(f"{where}: 'model.fsdp_cpu_offload' offloads FSDP shards: it needs 'model.fsdp' true")
     if cfg.model.lora_rank < 0:
         errors.append(f"{where}: 'model.lora_rank' must be >= 0 (0: full fine-tuning), got {cfg.model.lora_rank}")
     if t.tokens_per_batch is not None and t.tokens_per_batch <= 0:

@@ -38,7 +38,8 @@ class LowPrecisionPolicy:
         self.adapter, self.fmt, self.skip, self.min_dim = adapter, fmt, tuple(skip), min_dim
         dev = adapter.device
         cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-        self.path, self.reason = choose_path(fmt, backend, str(dev), cap, importlib.util.find_spec("torchao") is not None)
+        self.path, self.reason = choose_path(fmt, backend, str(dev), cap, importlib.util.find_spec("torchao") is not None,
+                                             adapter.dtype)
         log.info("exploration policy: %s, %s path (%s)", fmt, self.path, self.reason)
         t0 = time.perf_counter()
         self.copies = self._build()

@@ -141,11 +141,12 @@ def emulate_low_precision(model: nn.Module, fmt: str, skip: Sequence[str] = (), 
 
 
 def choose_path(fmt: str, backend: str, device: str, capability: Optional[tuple[int, int]],
-                torchao_available: bool) -> tuple[str, str]:
+                torchao_available: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """Which implementation runs the exploration copy, and why: ``("native", reason)`` (torchao low-precision GEMMs)
     or ``("emulated", reason)``. backend: ``auto`` (native where the hardware and torchao allow it), ``emulated`` or
-    ``native`` (an error where it cannot run). capability: the CUDA compute capability, None without a GPU.
-    FP8 GEMMs need compute capability 8.9+ (Ada, Hopper); FP4 ones 10.0+ (Blackwell)."""
+    ``native`` (an error where it cannot run). capability: the CUDA compute capability, None without a GPU. dtype:
+    the model's weights dtype. FP8 GEMMs need compute capability 8.9+ (Ada, Hopper); FP4 ones 10.0+ (Blackwell);
+    torchao's dynamic-activation kernels (per-row FP8 scaling among them) take bfloat16 models."""
     need = (8, 9) if fmt.startswith("fp8") else (10, 0)
     if backend == "emulated":
         return "emulated", "requested (explore.backend: emulated)"
@@ -156,6 +157,9 @@ def choose_path(fmt: str, backend: str, device: str, capability: Optional[tuple[
                f"{capability[0]}.{capability[1]}: {fmt} is emulated")
     elif not torchao_available:
         why = f"torchao is not installed (pip install 'diffrl[quant]'): {fmt} is emulated"
+    elif dtype != torch.bfloat16:
+        why = (f"torchao's {fmt} GEMMs take bfloat16 models and model.dtype is {str(dtype).removeprefix('torch.')} "
+               f"(set model.dtype: bfloat16): {fmt} is emulated")
     else:
         return "native", f"torchao {fmt} on compute capability {capability[0]}.{capability[1]}"
     if backend == "native":

@@ -6,6 +6,7 @@ One trainer for every model family: it talks to the model only through an adapte
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,11 +24,12 @@ from tqdm import tqdm
 import rewards as reward_registry
 from diffrl import checkpoint
 from diffrl.adapters import load_adapter_class, shape_options
+from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages,
 )
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import barrier, gather_rows, setup
+from diffrl.distributed import gather_rows, mean_over_processes, setup, shutdown
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.inference import EVAL_SEED, sample, shapes_accuracy
 from diffrl.prompts import PromptStream, eval_prompts
@@ -38,7 +40,7 @@ from diffrl.scoring import check_valid, score_batch, score_samples
 from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
-from diffrl.update import ema_update, optimize, set_lr
+from diffrl.update import STATS, ema_update, optimize, set_lr
 from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
@@ -48,17 +50,20 @@ _SCORING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrl-chunk-sc
 
 def build(cfg: Config, out: Path) -> Run:
     """Load the model (LoRA attached), the rewards, the optimizer and the prompt sources."""
-    rank, world = setup(cfg.model.device)
+    place = setup(cfg.model.device)
+    rank, world = place.rank, place.world
     if cfg.train.prompts_per_step % world:
         raise ConfigError(f"'train.prompts_per_step' ({cfg.train.prompts_per_step}) must be divisible by the "
                           f"number of processes ({world})")
     out.mkdir(parents=True, exist_ok=True)
     if world > 1:
-        log.info("process %d of %d processes", rank, world)
+        log.info("process %d of %d processes (local rank %d, %s)", rank, world, place.local_rank, place.device)
     adapter_cls = load_adapter_class(cfg.model.family)
-    adapter = adapter_cls.from_pretrained(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
-                                          attention=cfg.model.attention,
-                                          **shape_options(cfg.model.resolution, cfg.model.num_frames))
+    sharded = cfg.model.fsdp and world > 1
+    with meta_denoisers() if sharded else contextlib.nullcontext():  # sharded: no process loads a whole denoiser
+        adapter = adapter_cls.from_pretrained(cfg.model.path, device=str(place.device), dtype=cfg.model.dtype,
+                                              attention=cfg.model.attention,
+                                              **shape_options(cfg.model.resolution, cfg.model.num_frames))
     torch.manual_seed(cfg.train.seed)
     adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
     if cfg.model.gradient_checkpointing:
@@ -66,9 +71,10 @@ def build(cfg: Config, out: Path) -> Run:
     if cfg.model.offload:
         adapter.enable_offload()
     if cfg.model.fsdp:
-        if world > 1:
-            adapter.shard()
-            log.info("FSDP: the denoisers and their reference are sharded over %d processes", world)
+        if sharded:
+            adapter.shard(cfg.model.fsdp_cpu_offload)
+            log.info("FSDP: the denoisers%s are sharded over %d processes",
+                     " and their reference" if adapter.full_finetune else " (LoRA on the frozen base)", world)
         else:
             log.warning("model.fsdp: one process, nothing to shard over (launch with accelerate launch / torchrun)")
     routed = sorted({m for ms in cfg.train.reward_routing.values() for m in ms})
@@ -213,8 +219,9 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         valid = torch.zeros(len(leaf_prompts), dtype=torch.bool).index_copy_(0, idx, ok)
     else:
         scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
-    scores, valid = {k: gather_rows(v) for k, v in scores.items()}, gather_rows(valid)
-    groups = _prompt_groups(batch.all_prompts).repeat_interleave(leaves)
+    dev = batch.rollout.leaves.device  # the advantage math runs where the transitions it indexes live
+    scores, valid = {k: gather_rows(v).to(dev) for k, v in scores.items()}, gather_rows(valid).to(dev)
+    groups = _prompt_groups(batch.all_prompts, dev).repeat_interleave(leaves)
     if run.cfg.train.reward_aggregation == "gdpo":
         total = sum(w * group_advantages(scores[k], groups, valid=valid) for k, w in run.cfg.rewards.items())
     else:
@@ -223,9 +230,10 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     return total.reshape(shape), valid.reshape(shape), scores
 
 
-def _prompt_groups(prompts: list[str]) -> Tensor:
+def _prompt_groups(prompts: list[str], device: torch.device) -> Tensor:
+    """``[len(prompts)]`` group ids on ``device``: equal prompts share one, numbered in order of appearance."""
     ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts], device=device)
 
 
 def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
@@ -239,11 +247,11 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
     edges that lead only to invalid leaves are not trained.
     """
     cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
-    groups = _prompt_groups(batch.all_prompts)
+    groups = _prompt_groups(batch.all_prompts, leaf_r.device)
     leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
     leaf_r = _fill_invalid(leaf_r, valid, leaf_groups)
     rows = batch.first_tree + tr.tree  # this process's trees among all
-    reaches_valid = (valid.float() @ sched.leaf_matrix.float().T) > 0
+    reaches_valid = (valid.float() @ sched.leaf_matrix.to(valid.device).float().T) > 0
     if cfg.train.reward_routing:
         if scores is None:
             raise ValueError("train.reward_routing needs the per-reward scores")
@@ -261,7 +269,7 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
         else:
             leaf_adv = rloo_advantages(leaf_r.flatten(), leaf_groups.flatten())
         if cfg.train.objective == "nft":
-            trees = batch.first_tree + torch.arange(len(batch.prompts))
+            trees = batch.first_tree + torch.arange(len(batch.prompts), device=leaf_adv.device)
             return leaf_adv.reshape(leaf_r.shape)[trees], valid[trees]
         node_adv = _node_means(leaf_adv.reshape(leaf_r.shape), sched, valid)
     if cfg.log.save_advantages and run.rank == 0:
@@ -273,7 +281,7 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
 def _node_means(leaf_values: Tensor, sched: TreeSchedule, valid: Optional[Tensor] = None) -> Tensor:
     """``[trees, leaves]`` -> ``[trees, nodes]``: each node's mean over the (valid) leaves below it; 0 for a node
     with no valid leaf below."""
-    m = sched.leaf_matrix.float()
+    m = sched.leaf_matrix.to(leaf_values.device).float()
     if valid is None:
         return (leaf_values @ m.T) / m.sum(1)
     w = valid.float()
@@ -284,8 +292,8 @@ def _node_means(leaf_values: Tensor, sched: TreeSchedule, valid: Optional[Tensor
 def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
     """Invalid leaves take their group's mean valid value (``[trees, leaves]`` each)."""
     n = int(leaf_groups.max()) + 1
-    means = torch.zeros(n).index_add_(0, leaf_groups[valid], leaf_r[valid])
-    counts = torch.zeros(n).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
+    means = torch.zeros(n, device=leaf_r.device).index_add_(0, leaf_groups[valid], leaf_r[valid])
+    counts = torch.zeros(n, device=leaf_r.device).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
     return torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
 
 
@@ -335,31 +343,32 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    """The trained weights, EMA, optimizer and history, written atomically by the first process (sharded, every
-    process gathers its shards first)."""
+    """The trained weights, EMA, optimizer and history, written atomically by the first process; sharded (FSDP),
+    every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``)."""
+    meta = {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy}
+    if run.adapter.sharded:
+        checkpoint.save_sharded(run.out, state.step, _sharded_state(run, state.ema), meta, run.rank)
+        return
     tensors = {"lora": run.adapter.trained_state_dict()}
     if state.ema is not None:
         tensors["ema"] = state.ema
-    optimizer = _optimizer_state(run)
     if run.rank == 0:
-        checkpoint.save(run.out, state.step, tensors, optimizer,
-                        {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy})
+        checkpoint.save(run.out, state.step, tensors, run.optimizer.state_dict(), meta)
 
 
-def _optimizer_state(run: Run, load: Optional[dict] = None) -> Optional[dict]:
-    """The optimizer's whole state (sharded: gathered, a collective), or, with ``load``, restore it."""
-    if not run.adapter.sharded:
-        return run.optimizer.state_dict() if load is None else run.optimizer.load_state_dict(load)
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict,
-    )
+def _sharded_state(run: Run, ema: Optional[dict[str, Tensor]]) -> dict:
+    """What a sharded checkpoint holds, as DTensors laid out like the parameters: the trained parameters themselves,
+    the EMA's shards and the optimizer's sharded state (loading fills these tensors in place)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    from diffrl.fsdp import as_sharded
+
+    params = run.adapter.named_trainable_parameters()
     models = torch.nn.ModuleDict(run.adapter.denoisers)  # one module owning every optimized parameter
-    if load is None:
-        return get_optimizer_state_dict(models, run.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    set_optimizer_state_dict(models, run.optimizer, optim_state_dict=load, options=StateDictOptions(full_state_dict=True))
-    return None
+    out = {"trained": dict(params), "optimizer": get_optimizer_state_dict(models, run.optimizer)}
+    if ema is not None:
+        out["ema"] = as_sharded(params, ema)
+    return out
 
 
 def restore(run: Run) -> TrainState:
@@ -367,11 +376,21 @@ def restore(run: Run) -> TrainState:
     path = checkpoint.latest(run.out)
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.out}")
-    tensors, opt_state, saved = checkpoint.load(path)
-    run.adapter.load_trained_state_dict(tensors["lora"])
-    _optimizer_state(run, load=opt_state)
+    if run.adapter.sharded:
+        ema = run.adapter.trained_state_dict() if run.cfg.train.ema_decay > 0 else None  # filled in place
+        template = _sharded_state(run, ema)
+        saved = checkpoint.load_sharded(path, template)
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(torch.nn.ModuleDict(run.adapter.denoisers), run.optimizer,
+                                 optim_state_dict=template["optimizer"])
+    else:
+        tensors, opt_state, saved = checkpoint.load(path)
+        run.adapter.load_trained_state_dict(tensors["lora"])
+        run.optimizer.load_state_dict(opt_state)
+        ema = tensors.get("ema")
     state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
-                       base_accuracy=saved["base_accuracy"], ema=tensors.get("ema"))
+                       base_accuracy=saved["base_accuracy"], ema=ema)
     if run.rank == 0:
         checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     log.info("resumed from %s (step %d)", path, state.step)
@@ -400,7 +419,7 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
         if on_step is not None:
             on_step(state)
     summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 or run.adapter.sharded else {}
-    barrier()
+    shutdown()
     return summary
 
 
@@ -447,7 +466,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     leaf_r, valid, scores = score(run, batch)
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
     lr = set_lr(run, step)
-    stats = optimize(run, batch, adv, mask, step)
+    stats = mean_over_processes(optimize(run, batch, adv, mask, step), STATS, maxima=("ratio_dev",))
     ema_update(run, state)
     explored = {}
     if run.explorer is not None:  # the copy follows the update; its metrics include what that cost
@@ -471,8 +490,8 @@ def _expected_leaves(run: Run, valid: Tensor) -> int:
 
 def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
     """Exploration's timings, throughput and preview/regenerated rank agreement (this process's prompts)."""
-    local = leaf_r[batch.first_tree : batch.first_tree + len(batch.prompts)]
-    rho = mean_spearman(batch.preview, local[batch.rollout.kept].reshape(batch.preview.shape))
+    local = leaf_r[batch.first_tree : batch.first_tree + len(batch.prompts)].cpu()
+    rho = mean_spearman(batch.preview.cpu(), local[batch.rollout.kept.cpu()].reshape(batch.preview.shape))
     return {"explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
             "candidates_per_s": round(batch.previewed / batch.explore_s, 2),
             "spearman": None if math.isnan(rho) else round(rho, 4)}

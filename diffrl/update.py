@@ -9,11 +9,15 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from diffrl.distributed import average_gradients
+from diffrl.distributed import average_gradients, max_over_processes
 from diffrl.loss import nft_loss, policy_loss
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import mix_seed
+
+
+STATS = ("kl", "clip_frac", "approx_kl", "ratio_mean", "ratio_dev", "policy_loss", "old_dev")
+"""Every statistic ``optimize`` may return (the clipped-ratio path's and DiffusionNFT's)."""
 
 
 def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,8 +25,8 @@ def _step_groups(tr, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     e = (mask & (tr.step == k)).nonzero().flatten()
     keys = tr.tree[e] * (int(tr.parent.max()) + 1) + tr.parent[e]
     uniq, inverse = torch.unique(keys, return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce_(
-        0, inverse, torch.arange(len(e)), "amin", include_self=False)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=e.device).scatter_reduce_(
+        0, inverse, torch.arange(len(e), device=e.device), "amin", include_self=False)
     return e, e[first], inverse
 
 
@@ -71,8 +75,8 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
     other."""
     cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
     cond_all = ad.encode(batch.prompts)
-    n_elem = math.prod(ad.latent_shape)
-    groups = torch.arange(len(batch.prompts)).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
+    n_elem, dev = math.prod(ad.latent_shape), tr.tree.device
+    groups = torch.arange(len(batch.prompts), device=dev).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
         for u, trees in enumerate(groups):
@@ -82,18 +86,18 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
             calls = []
             for k in sorted(set(tr.step[part].tolist())):
                 e, parents, inverse = _step_groups(tr, part, k)
-                for chunk in torch.arange(len(parents)).split(run.minibatch):
+                for chunk in torch.arange(len(parents), device=dev).split(run.minibatch):
                     sel = torch.isin(inverse, chunk)
                     calls.append((e[sel], parents[chunk], inverse[sel] - chunk[0]))
             for edges, parents, parent_of in calls:
                 stats = _edge_loss(run, tr, adv, edges, parents, parent_of, cond_all, n_elem, len(edges) / total)
-                dev = stats.pop("ratio_dev")
+                ratio_dev = stats.pop("ratio_dev")
                 if epoch == 0:
                     if u == 0:
-                        stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), dev)
+                        stats_sum["ratio_dev"] = max(stats_sum.get("ratio_dev", 0.0), ratio_dev)
                     for name, v in stats.items():
                         stats_sum[name] = stats_sum.get(name, 0.0) + v * len(edges) / int(mask.sum())
-            one = torch.zeros(1, dtype=torch.long)
+            one = torch.zeros(1, dtype=torch.long, device=dev)
             for _ in range(len(calls), _most_calls(run, len(calls))):  # FSDP: join the others' collectives
                 _edge_loss(run, tr, adv, one, one, one, cond_all, n_elem, 0.0)
             _apply_update(run)
@@ -103,11 +107,7 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
 def _most_calls(run: Run, n: int) -> int:
     """Sharded (FSDP), every forward and backward is a collective, so every process makes as many as the busiest
     one: the largest ``n`` over the processes (``n`` itself unsharded)."""
-    if not run.adapter.sharded:
-        return n
-    t = torch.tensor([n])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t)
+    return max_over_processes(n) if run.adapter.sharded else n
 
 
 def _apply_update(run: Run) -> None:
@@ -180,8 +180,9 @@ def _loss_stats(parts: list) -> dict[str, float]:
 def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Forward-process training points of this process's valid leaves: each leaf is noised at
     ``round(sampler.timestep_fraction * sampler.num_steps)`` (at least 1) distinct noise levels of the rollout
-    schedule. Seeded by (seed, step, global leaf index), so N processes draw what one process would.
-    Returns local leaf indices ``[P]``, sigmas ``[P]`` and noises ``[P, ...]``."""
+    schedule. Seeded by (seed, step, global leaf index) on the CPU, so N processes, and any device, draw what one
+    process would. Returns local leaf indices ``[P]``, sigmas ``[P]`` and noises ``[P, ...]`` on the rollout's
+    device."""
     cfg, s = run.cfg, run.cfg.sampler
     k = max(1, round(s.timestep_fraction * s.num_steps))
     leaves_per_tree = mask.shape[1]
@@ -191,9 +192,11 @@ def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor,
         idx.append(torch.full((k,), i))
         sig.append(run.sigmas[torch.randperm(s.num_steps, generator=g)[:k]].float())
         eps.append(torch.randn(k, *run.adapter.latent_shape, generator=g))
+    dev = batch.rollout.leaves.device
     if not idx:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, *run.adapter.latent_shape)
-    return torch.cat(idx), torch.cat(sig), torch.cat(eps)
+        return (torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, device=dev),
+                torch.zeros(0, *run.adapter.latent_shape, device=dev))
+    return torch.cat(idx).to(dev), torch.cat(sig).to(dev), torch.cat(eps).to(dev)
 
 
 def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -> dict[str, float]:
@@ -209,38 +212,54 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
     x0_all = batch.rollout.leaves.flatten(0, 1)
     cond_all = ad.encode(batch.prompts)
     snapshot = ad.trained_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
-    groups = torch.arange(mask.shape[0]).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
+    groups = torch.arange(mask.shape[0], device=leaf.device).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
         for u, trees in enumerate(groups):
             points = torch.isin(leaf // leaves, trees).nonzero().flatten()
             run.optimizer.zero_grad(set_to_none=True)
-            for chunk in points.split(run.minibatch):
-                li, sg = leaf[chunk], sigma[chunk]
-                x0 = x0_all[li].float()
-                s_b = append_dims(sg, x0.ndim)
-                x_t = (1 - s_b) * x0 + s_b * eps[chunk]
-                cond = {key: v[li // leaves] for key, v in cond_all.items()}
-                x_in = x_t.to(x0_all.dtype)
-                on_policy = epoch == 0 and u == 0
-                if not on_policy:  # before the graph of v is built: the swap writes the LoRA weights in place
-                    with torch.no_grad(), Swap(ad, snapshot):
-                        v_old = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                v = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                if on_policy:
-                    v_old = v.detach()
-                v_ref = None
-                if cfg.train.kl_weight > 0:
-                    with torch.no_grad(), ad.reference():
-                        v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
-                loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
-                                    adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
-                (loss * len(chunk) / len(points)).backward()
+            chunks = points.split(run.minibatch)
+            on_policy = epoch == 0 and u == 0
+            for chunk in chunks:
+                pts = (leaf[chunk], sigma[chunk], eps[chunk])
+                st = _nft_chunk_loss(run, pts, x0_all, cond_all, adv, leaves, snapshot, on_policy, len(chunk) / len(points))
                 if epoch == 0:
                     for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
                         stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
+            dummy = (torch.zeros(1, dtype=torch.long, device=leaf.device), run.sigmas[:1].to(leaf.device),
+                     torch.zeros(1, *ad.latent_shape, device=leaf.device))
+            for _ in range(len(chunks), _most_calls(run, len(chunks))):  # FSDP: join the others' collectives
+                _nft_chunk_loss(run, dummy, x0_all, cond_all, adv, leaves, snapshot, on_policy, 0.0)
             _apply_update(run)
     return stats_sum
+
+
+def _nft_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict, adv: Tensor,
+                    leaves: int, snapshot: Optional[dict], on_policy: bool, weight: float):
+    """DiffusionNFT's loss on some training points (local leaf indices ``[P]``, sigmas ``[P]``, noises ``[P, ...]``)
+    and its backward, weighted (by their share of the update's points; 0 for a process that only joins the others'
+    collectives); returns the loss statistics."""
+    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+    li, sg, noise = points
+    x0 = x0_all[li].float()
+    s_b = append_dims(sg, x0.ndim)
+    x_t = (1 - s_b) * x0 + s_b * noise
+    cond = {key: v[li // leaves] for key, v in cond_all.items()}
+    x_in = x_t.to(x0_all.dtype)
+    if not on_policy:  # before the graph of v is built: the swap writes the LoRA weights in place
+        with torch.no_grad(), Swap(ad, snapshot):
+            v_old = ad.velocity(x_in, sg, cond, s.guidance_scale)
+    v = ad.velocity(x_in, sg, cond, s.guidance_scale)
+    if on_policy:
+        v_old = v.detach()
+    v_ref = None
+    if cfg.train.kl_weight > 0:
+        with torch.no_grad(), ad.reference():
+            v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
+    loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
+                        adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
+    (loss * weight).backward()
+    return st
 
 
 def ema_update(run: Run, state: TrainState) -> None:

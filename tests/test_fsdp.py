@@ -37,7 +37,7 @@ def test_two_sharded_processes_train_what_one_process_trains(tmp_path):
     rewards = [[json.loads(x)["reward_mean"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
                for r in ("one", "fsdp")]
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # step 2 rolled out the updated model: the same
-    assert (tmp_path / "fsdp" / "checkpoint-000002" / "lora.safetensors").is_file()
+    assert (tmp_path / "fsdp" / "checkpoint-000002" / "sharded" / ".metadata").is_file()  # every process's shards
     assert (tmp_path / "fsdp" / "summary.json").is_file()
     run(tmp_path / "fsdp", LAUNCH, "model.fsdp=true", "--resume", steps=3)  # sharded restore of weights and Adam
     assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["steps"] == 3

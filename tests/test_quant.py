@@ -107,6 +107,10 @@ def test_choose_path_says_which_path_runs_and_why():
     assert "torchao is not installed" in choose_path("fp8", "auto", "cuda", (9, 0), False)[1]
     assert choose_path("mxfp4", "auto", "cuda", (10, 0), True)[0] == "native"
     assert choose_path("fp8", "emulated", "cuda", (9, 0), True)[0] == "emulated"
+    path, why = choose_path("fp8", "auto", "cuda", (9, 0), True, torch.float32)  # the default model.dtype
+    assert path == "emulated" and "take bfloat16 models and model.dtype is float32" in why
+    with pytest.raises(ValueError, match="explore.backend native cannot run here: torchao's fp8 GEMMs take bfloat16"):
+        choose_path("fp8", "native", "cuda", (9, 0), True, torch.float32)
     with pytest.raises(ValueError, match="explore.backend native cannot run here: no CUDA device"):
         choose_path("fp8", "native", "cpu", None, True)
 

@@ -5,6 +5,7 @@ and add what is theirs: prompt encoding, the velocity call, the sigma schedule, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import math
 import os
@@ -27,16 +28,65 @@ class ModelLoadError(RuntimeError):
     """The model path or hub id cannot be loaded; the message says which and why."""
 
 
+DENOISERS = ("transformer", "transformer_2")
+_META_DENOISERS = contextvars.ContextVar("meta_denoisers", default=False)
+
+
+@contextlib.contextmanager
+def meta_denoisers() -> Iterator[None]:
+    """Inside the block, ``load_pipeline`` builds the denoisers on the ``meta`` device (no weights read, no memory):
+    ``DiffusersAdapter.shard`` then gives each process memory for its own shard only and reads just those rows."""
+    token = _META_DENOISERS.set(True)
+    try:
+        yield
+    finally:
+        _META_DENOISERS.reset(token)
+
+
+def _meta_denoisers(pipeline_cls: Any, path: str, dtype: str) -> dict[str, torch.nn.Module]:
+    """The pipeline's denoisers built from their configs with parameters on ``meta`` (buffers stay real: they are
+    computed, not all stored), in ``dtype``."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    index = pipeline_cls.load_config(path)
+    out = {}
+    for name in DENOISERS:
+        entry = index.get(name)
+        if not entry or entry[1] is None:
+            continue
+        cls = getattr(diffusers, entry[1])
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(cls.load_config(path, subfolder=name))
+        if model.dtype != DTYPES[dtype]:
+            model = model.to(DTYPES[dtype])
+        out[name] = model.requires_grad_(False).eval()
+    return out
+
+
+def weights_folder(path: str, name: str) -> Path:
+    """The local folder of component ``name`` of the pipeline at ``path`` (a folder, or a hub id resolved in the
+    local cache; ``HF_HUB_OFFLINE=1`` is respected)."""
+    local = Path(path).expanduser() / name
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=[f"{name}/*"])) / name
+
+
 def load_pipeline(pipeline_cls: Any, path: str, dtype: str, attention: str, device: str) -> Any:
     """``pipeline_cls.from_pretrained(path)`` from a local folder or a hub id (``HF_HUB_OFFLINE=1`` is respected),
-    with a missing folder or an unloadable checkpoint reported in one sentence."""
+    with a missing folder or an unloadable checkpoint reported in one sentence. Inside ``meta_denoisers()`` the
+    denoisers are built on the meta device instead of loaded."""
     check_attention_backend(attention, device)
     looks_local = path.startswith((".", "/", "~")) or os.sep in path and not _is_hub_id(path)
     if looks_local and not Path(path).expanduser().is_dir():
         raise ModelLoadError(f"model path {path!r} does not exist (build the tiny model with "
                              "`python scripts/pretrain_tiny.py`, or give a diffusers folder or hub id)")
     try:
-        pipe = pipeline_cls.from_pretrained(path, **{_dtype_keyword(): DTYPES[dtype]})
+        meta = _meta_denoisers(pipeline_cls, path, dtype) if _META_DENOISERS.get() else {}
+        pipe = pipeline_cls.from_pretrained(path, **meta, **{_dtype_keyword(): DTYPES[dtype]})
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a {pipeline_cls.__name__} from {path!r}: {str(e).splitlines()[0]}") from None
     if attention == "xformers":
@@ -64,6 +114,8 @@ class DiffusersAdapter:
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
     defaults here do not fit)."""
 
+    lora_rank: int = 0
+    """The rank ``add_lora`` attached (0: full fine-tuning or no LoRA)."""
     full_finetune: bool = False
     """True after ``add_lora(0, ...)``: every denoiser parameter trains and the reference is a frozen copy."""
     sharded: bool = False
@@ -73,13 +125,20 @@ class DiffusersAdapter:
     for per-modality log-probs and advantages (``train.reward_routing``); None: one stream."""
 
     def __init__(self, pipe: Any, device: str = "cpu", dtype: str = "float32"):
-        self.pipe = pipe.to(device)
+        # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
+        self.denoisers = {name: getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None}
+        self.on_meta = any(p.is_meta for m in self.denoisers.values() for p in m.parameters())
+        """The denoisers were built on the meta device (``meta_denoisers``): ``shard`` must materialise them."""
+        if self.on_meta:  # everything else moves now; the denoisers get their shards in ``shard``
+            for name, module in pipe.components.items():
+                if isinstance(module, torch.nn.Module) and name not in self.denoisers:
+                    module.to(device)
+            self.pipe = pipe
+        else:
+            self.pipe = pipe.to(device)
         self.device, self.dtype = torch.device(device), DTYPES[dtype]
         self.transformer = pipe.transformer
         self._prompt_cache: dict[str, dict[str, Tensor]] = {}
-        # Every denoiser that takes a LoRA (Wan 2.2 has two experts); "transformer" first.
-        self.denoisers = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
-                          if getattr(pipe, name, None) is not None}
         for name in (*ENCODERS, *DECODERS, *self.denoisers):
             module = getattr(pipe, name, None)
             if module is not None:
@@ -166,9 +225,12 @@ class DiffusersAdapter:
         rank 0: full fine-tuning instead (``enable_full_finetuning``)."""
         from peft import LoraConfig
 
+        self.lora_rank = rank
         if rank == 0:
             self.enable_full_finetuning()
             return
+        # On meta the adapters' values are drawn later by ``shard`` (``fsdp.lora_init``), from this RNG state.
+        rng = torch.get_rng_state() if self.on_meta else None
         for module in self.denoisers.values():
             module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                           target_modules=list(targets)))
@@ -176,6 +238,8 @@ class DiffusersAdapter:
                 p.requires_grad_("lora_" in name)
                 if "lora_" in name:
                     p.data = p.data.float()
+        if rng is not None:
+            torch.set_rng_state(rng)
 
     def enable_full_finetuning(self) -> None:
         """Train every parameter of the denoisers, in their dtype (fp32 on the CPU; bf16 weights train in bf16). The
@@ -185,21 +249,30 @@ class DiffusersAdapter:
         for module in self.denoisers.values():
             module.requires_grad_(True)
 
-    def shard(self) -> None:
-        """FSDP (torch's ``fully_shard``, FSDP2) for full fine-tuning under several processes: every transformer block,
-        then each denoiser and its frozen reference copy, is sharded over the process group, so each process holds
-        1/N of the weights, gradients and optimizer state; forwards gather a block's weights when they run it, and
-        each backward averages the gradients over the processes (as ``average_gradients`` does unsharded)."""
-        from torch.distributed.fsdp import fully_shard
+    def shard(self, cpu_offload: bool = False) -> None:
+        """FSDP2 (``fully_shard``) over the process group: every transformer block, then each denoiser, is sharded,
+        so each process holds 1/N of the weights (and of the gradients and optimizer state of what trains); forwards
+        gather one block's weights at a time, and each backward averages the gradients over the processes (as
+        ``average_gradients`` does unsharded). LoRA: the frozen base and its adapters are sharded together and the
+        reference is still the adapters switched off (no copy); full fine-tuning: the frozen reference copy is
+        sharded too. Denoisers built on the meta device (``meta_denoisers``) get memory for their own shard only
+        and read only those rows of the checkpoint. ``cpu_offload``: shards, gradients and optimizer state live in
+        CPU memory."""
+        from diffrl import fsdp
 
-        if not self.full_finetune:
-            raise ValueError("FSDP shards full fine-tuning (model.lora_rank: 0); a LoRA is small enough to replicate")
-        for group in (self.denoisers, self._reference):
-            for module in group.values():
-                for blocks in ("transformer_blocks", "single_transformer_blocks", "blocks"):
-                    for block in getattr(module, blocks, None) or []:
-                        fully_shard(block)
-                fully_shard(module)
+        groups = [self.denoisers] + ([self._reference] if self.full_finetune else [])
+        init_device = torch.device("cpu") if cpu_offload else self.device
+        for group in groups:
+            for name, module in group.items():
+                buffers = {k: b.detach().clone() for k, b in module.named_buffers()} if self.on_meta else {}
+                fsdp.shard_module(module, cpu_offload)
+                if self.on_meta:
+                    weights = fsdp.SafetensorsWeights(weights_folder(self.pipe.name_or_path, name))
+                    try:
+                        fsdp.materialize(module, init_device, weights, buffers, self.lora_rank or None)
+                    finally:
+                        weights.close()
+        self.on_meta = False
         self.sharded = True
 
     def enable_offload(self) -> None:
@@ -299,15 +372,14 @@ class DiffusersAdapter:
 
     def trained_state_dict(self) -> dict[str, Tensor]:
         """The trained weights of every denoiser (its LoRA, or with full fine-tuning all its parameters); keys of
-        denoisers other than ``transformer`` carry their name."""
+        denoisers other than ``transformer`` carry their name. Sharded: this process's shards (for swapping weights
+        in and out, EMA and checkpoints; ``export`` consolidates them)."""
         from peft.utils import get_peft_model_state_dict
 
-        if self.sharded:  # a collective: every process calls it; the first gets the whole weights, the others {}
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.sharded:  # this process's shards, keyed by parameter name: no communication
+            from diffrl.fsdp import trained_local
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return {(k if name == "transformer" else f"{name}.{k}"): v for name, module in self.denoisers.items()
-                    for k, v in get_model_state_dict(module, options=opts).items()}
+            return trained_local(self.named_trainable_parameters())
         if self.full_finetune:
             return {(k if name == "transformer" else f"{name}.{k}"): v.detach().clone()
                     for name, module in self.denoisers.items() for k, v in module.state_dict().items()}
@@ -327,11 +399,10 @@ class DiffusersAdapter:
     def load_trained_state_dict(self, state: dict[str, Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        if self.sharded:  # every process passes the whole weights (read from the checkpoint) and keeps its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        if self.sharded:  # ``trained_state_dict``'s shards of this process
+            from diffrl.fsdp import load_local
 
-            for name, part in self._split(state).items():
-                set_model_state_dict(self.denoisers[name], part, options=StateDictOptions(full_state_dict=True))
+            load_local(self.named_trainable_parameters(), state)
             return
         if self.full_finetune:
             for name, part in self._split(state).items():
@@ -352,11 +423,11 @@ class DiffusersAdapter:
         """Write the trained weights (``state``, e.g. the EMA, or the current ones) for diffusers and return where:
         the LoRA to ``run_dir/lora`` (``save_lora``), fully fine-tuned denoisers with ``save_pretrained`` to
         ``run_dir/transformer`` (and ``run_dir/transformer_2``), which replace the pipeline's own folders."""
+        if self.sharded:
+            return self._export_sharded(run_dir, state)
         if not self.full_finetune:
             self.save_lora(str(Path(run_dir) / "lora"), state)
             return str(Path(run_dir) / "lora")
-        if self.sharded:
-            return self._export_sharded(run_dir)
         saved = self.trained_state_dict() if state is not None else None
         if state is not None:
             self.load_trained_state_dict(state)
@@ -368,20 +439,51 @@ class DiffusersAdapter:
                 self.load_trained_state_dict(saved)
         return str(Path(run_dir) / "transformer")
 
-    def _export_sharded(self, run_dir: str) -> str:
-        """The sharded denoisers' gathered weights, written by the first process as ``save_pretrained`` lays a
-        folder out (``config.json`` + ``diffusion_pytorch_model.safetensors``); a collective."""
+    def _export_sharded(self, run_dir: str, state: Optional[dict[str, Tensor]] = None) -> str:
+        """``export`` of sharded denoisers (a collective): ``state`` (this process's shards, e.g. the EMA) swapped
+        in, the trained weights gathered once, the first process writes them: the LoRA through ``save_lora``, or
+        full weights laid out as ``save_pretrained`` lays a folder out (``config.json`` +
+        ``diffusion_pytorch_model.safetensors``)."""
         import torch.distributed as dist
         from safetensors.torch import save_file
 
-        parts = self._split(self.trained_state_dict())
-        if dist.get_rank() == 0:
-            for name, module in self.denoisers.items():
-                folder = Path(run_dir) / name
-                module.save_config(str(folder))
-                save_file({k: v.contiguous() for k, v in parts[name].items()},
-                          str(folder / "diffusion_pytorch_model.safetensors"))
+        saved = self.trained_state_dict() if state is not None else None
+        if state is not None:
+            self.load_trained_state_dict(state)
+        try:
+            parts = self._gather_trained()
+        finally:
+            if saved is not None:
+                self.load_trained_state_dict(saved)
+        if dist.get_rank() != 0:
+            return ""
+        if not self.full_finetune:
+            self.save_lora(str(Path(run_dir) / "lora"), parts)
+            return str(Path(run_dir) / "lora")
+        split = self._split(parts)
+        for name, module in self.denoisers.items():
+            folder = Path(run_dir) / name
+            module.save_config(str(folder))
+            save_file({k: v.contiguous() for k, v in split[name].items()}, str(folder / "diffusion_pytorch_model.safetensors"))
         return str(Path(run_dir) / "transformer")
+
+    def _gather_trained(self) -> dict[str, Tensor]:
+        """The sharded trained weights gathered whole on the CPU of every process, keyed as the unsharded
+        ``trained_state_dict`` keys them (peft's LoRA names, or the full state dicts); a collective."""
+        from peft.utils import get_peft_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from diffrl.fsdp import full_tensors
+
+        out: dict[str, Tensor] = {}
+        for name, module in self.denoisers.items():
+            if self.full_finetune:
+                part = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            else:
+                lora = dict(full_tensors((n, p) for n, p in module.named_parameters() if p.requires_grad))
+                part = get_peft_model_state_dict(module, state_dict=lora)
+            out.update({(k if name == "transformer" else f"{name}.{k}"): v for k, v in part.items()})
+        return out
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -1,0 +1,161 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for denoisers too large for one process: meta-device models whose
+shards are read straight from the safetensors files, sharded checkpoints (``torch.distributed.checkpoint``), and the
+collectives that consolidate trained weights once, for export.
+
+No process ever holds a whole denoiser: the model is built on the ``meta`` device, sharded, given memory for its
+own shard only (``to_empty``), and each process reads only its rows of each weight (safetensors slices). FSDP2
+shards every parameter along dim 0 in ``world`` chunks of ``ceil(d0 / world)`` rows (the last ones shorter or
+empty), which is what ``local_rows`` computes.
+
+Plain torch + safetensors; the adapters decide what to shard (``DiffusersAdapter.shard``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+"""Attribute names under which the supported denoisers keep their transformer blocks (one FSDP unit each)."""
+
+
+def shard_module(module: nn.Module, cpu_offload: bool = False) -> None:
+    """``fully_shard`` every transformer block of ``module`` (one all-gather per block in forward and backward),
+    then the module itself (the rest: embeddings, norms, projections). ``cpu_offload``: shards, gradients and the
+    optimizer state live in CPU memory and go to the device per block."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for attr in BLOCK_LISTS:
+        for block in getattr(module, attr, None) or []:
+            fully_shard(block, offload_policy=policy)
+    fully_shard(module, offload_policy=policy)
+
+
+def local_rows(d0: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a ``d0``-row parameter held by ``rank`` (``torch.chunk`` over ``world``)."""
+    size = math.ceil(d0 / world) if d0 else 0
+    start = min(rank * size, d0)
+    return start, min(start + size, d0)
+
+
+class SafetensorsWeights:
+    """Read rows of the tensors of a diffusers model folder (``diffusion_pytorch_model.safetensors`` or its sharded
+    form with ``.safetensors.index.json``) without loading whole tensors (memory-mapped slices)."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        index = sorted(folder.glob("*.safetensors.index.json"))
+        if index:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+            self.files = {k: folder / f for k, f in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no .safetensors weights in {folder}")
+            from safetensors import safe_open
+
+            self.files = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    self.files.update({k: f for k in h.keys()})
+        self._stack = ExitStack()
+        self._open: dict[Path, object] = {}
+
+    def keys(self) -> Iterable[str]:
+        return self.files.keys()
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` (dim 0) of tensor ``key``; a 0-dim tensor whole."""
+        from safetensors import safe_open
+
+        f = self.files[key]
+        if f not in self._open:
+            self._open[f] = self._stack.enter_context(safe_open(str(f), "pt"))
+        sl = self._open[f].get_slice(key)
+        return sl[:] if len(sl.get_shape()) == 0 else sl[start:stop]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def materialize(module: nn.Module, device: torch.device, weights: SafetensorsWeights,
+                buffers: dict[str, Tensor], lora_rank: Optional[int]) -> None:
+    """Give a sharded meta-device ``module`` memory for its own shards on ``device`` and fill them: base weights
+    from ``weights`` (a LoRA-wrapped layer's ``base_layer`` reads the plain layer's key), buffers from ``buffers``
+    (kept real while the parameters were on meta), and the LoRA as ``lora_init`` draws it (this process's rows)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lora = lora_init(module, lora_rank) if lora_rank else {}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+        for name, p in module.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            start, stop = local_rows(p.shape[0], rank, world) if p.dim() else (0, 0)
+            if name in lora:
+                local.copy_(lora[name][start:stop])
+            else:
+                key = name.replace(".base_layer.", ".")
+                if key not in weights.files:
+                    raise KeyError(f"parameter {key!r} is not in the checkpoint")
+                local.copy_(weights.rows(key, start, stop))
+
+
+def lora_init(module: nn.Module, lora_rank: int) -> dict[str, Tensor]:
+    """Whole LoRA weights ``{parameter name: tensor}`` of a meta-device ``module``, drawn from the global CPU
+    generator exactly as peft draws them when it attaches the adapters to a real model (so a sharded run starts
+    from the LoRA an unsharded one would): per LoRA layer in module order, ``nn.Linear``'s default init of ``A``
+    ``[r, in]`` and ``B`` ``[out, r]`` (two uniform draws), then peft's gaussian init, ``A ~ N(0, 1/r^2)``, ``B = 0``."""
+    out = {}
+    for qual, m in module.named_modules():
+        lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if not isinstance(lora_a, nn.ModuleDict):
+            continue
+        for adapter in lora_a:
+            a, b = lora_a[adapter].weight, lora_b[adapter].weight
+            torch.empty(a.shape).uniform_()
+            torch.empty(b.shape).uniform_()
+            out[f"{qual}.lora_A.{adapter}.weight"] = torch.empty(a.shape).normal_(std=1 / lora_rank)
+            out[f"{qual}.lora_B.{adapter}.weight"] = torch.zeros(b.shape)
+    return out
+
+
+def trained_local(params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
+    """This process's shard of each trained parameter (copies, keyed by parameter name): no communication."""
+    return {name: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for name, p in params}
+
+
+def load_local(params: Iterable[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> None:
+    """Copy ``trained_local`` shards back into the parameters."""
+    with torch.no_grad():
+        for name, p in params:
+            (p.to_local() if hasattr(p, "to_local") else p).copy_(state[name])
+
+
+def full_tensors(params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, Tensor]]:
+    """Each sharded parameter gathered whole, on the CPU, one at a time (a collective: every process iterates)."""
+    for name, p in params:
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+
+
+def as_sharded(params: Iterable[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``trained_local`` shards wrapped as DTensors laid out like their parameters (what a sharded checkpoint
+    stores: each process writes its own rows)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in params:
+        if hasattr(p, "device_mesh"):
+            out[name] = DTensor.from_local(state[name], p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                           run_check=False)
+        else:
+            out[name] = state[name]
+    return out
