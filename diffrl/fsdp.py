@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import ExitStack
+import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -45,44 +45,60 @@ def local_rows(d0: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + size, d0)
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class SafetensorsWeights:
     """Read rows of the tensors of a diffusers model folder (``diffusion_pytorch_model.safetensors`` or its sharded
-    form with ``.safetensors.index.json``) without loading whole tensors (memory-mapped slices)."""
+    form with ``.safetensors.index.json``) without loading whole tensors: each read is one ``pread`` of exactly the
+    rows' bytes (the safetensors layout is a JSON header, then each tensor's bytes, row-major), so a process's
+    memory holds its own rows only (a memory-mapped file would count every page it touched as resident too)."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
-        index = sorted(folder.glob("*.safetensors.index.json"))
-        if index:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-            self.files = {k: folder / f for k, f in weight_map.items()}
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no .safetensors weights in {folder}")
-            from safetensors import safe_open
-
-            self.files = {}
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    self.files.update({k: f for k in h.keys()})
-        self._stack = ExitStack()
-        self._open: dict[Path, object] = {}
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+        self.files: dict[str, Path] = {}
+        self._meta: dict[str, tuple[Path, torch.dtype, list[int], int]] = {}
+        for f in files:
+            with open(f, "rb") as h:
+                n = int.from_bytes(h.read(8), "little")
+                header = json.loads(h.read(n))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                self.files[key] = f
+                self._meta[key] = (f, _DTYPES[info["dtype"]], info["shape"], 8 + n + info["data_offsets"][0])
+        self._fds: dict[Path, int] = {}
 
     def keys(self) -> Iterable[str]:
         return self.files.keys()
 
     def rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` (dim 0) of tensor ``key``; a 0-dim tensor whole."""
-        from safetensors import safe_open
-
-        f = self.files[key]
-        if f not in self._open:
-            self._open[f] = self._stack.enter_context(safe_open(str(f), "pt"))
-        sl = self._open[f].get_slice(key)
-        return sl[:] if len(sl.get_shape()) == 0 else sl[start:stop]
+        """Rows ``[start, stop)`` (dim 0) of tensor ``key``, in its stored dtype; a 0-dim tensor whole."""
+        f, dtype, shape, offset = self._meta[key]
+        if not shape:
+            start, stop, row_shape = 0, 1, []
+        else:
+            row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * torch.empty(0, dtype=dtype).element_size()
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        data = bytearray(max(stop - start, 0) * row_bytes)
+        if data:
+            got = os.preadv(self._fds[f], [data], offset + start * row_bytes)
+            if got != len(data):
+                raise OSError(f"{f}: short read of {key!r} ({got} of {len(data)} bytes)")
+        out = torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
+        return out.reshape(shape) if not shape else out.reshape(stop - start, *row_shape)
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def materialize(module: nn.Module, device: torch.device, weights: SafetensorsWeights,

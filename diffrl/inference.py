@@ -16,10 +16,11 @@ from diffrl.tree import TreeSchedule, mix_seed
 
 @torch.no_grad()
 def sample(adapter, prompts: Sequence[str], seed: int, steps: int, guidance: float, max_batch: int = 64,
-           reference: bool = False) -> Tensor:
+           reference: bool = False, first: int = 0) -> Tensor:
     """Deterministic (ODE) samples ``[n, 3, H, W]`` in [0, 1], one per prompt; sample ``i`` starts from the noise
-    of ``mix_seed(seed, i)``. ``reference=True`` samples with the LoRA adapters switched off."""
-    seeds = [mix_seed(seed, i) for i in range(len(prompts))]
+    of ``mix_seed(seed, first + i)`` (``first``: where these prompts start in a longer list split between
+    processes). ``reference=True`` samples with the LoRA adapters switched off."""
+    seeds = [mix_seed(seed, first + i) for i in range(len(prompts))]
     velocity = lambda x, sigma, cond: adapter.velocity(x, sigma, cond, guidance)  # noqa: E731
     with adapter.reference() if reference else contextlib.nullcontext():
         ro = tree_rollout(velocity, TreeSchedule(steps), adapter.sigmas(steps), seeds, adapter.latent_shape,

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests_helpers import BRIGHT, ROOT, SUBPROCESS_ENV, TINY
@@ -61,6 +63,12 @@ def test_lora_on_a_sharded_base_trains_what_one_process_trains(tmp_path):
     assert [m["reward_mean"] for m in one] == pytest.approx([m["reward_mean"] for m in two], abs=1e-6)
     assert two[-1]["kl"] > 0  # the reference (adapters off) differs from the trained LoRA
     assert relative_difference(lora(tmp_path / "one"), lora(tmp_path / "fsdp")) < 1e-4
+    # Evaluation and sample grids: each process sampled half of the prompts, gathered: the one-process images.
+    for name in ("samples_step00000.png", "samples_step00002.png"):
+        a, b = (np.asarray(Image.open(tmp_path / r / name), dtype=np.int16) for r in ("one", "fsdp"))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["evals"] == \
+        json.loads((tmp_path / "fsdp" / "summary.json").read_text())["evals"]
     assert (tmp_path / "fsdp" / "checkpoint-000002" / "sharded" / ".metadata").is_file()
     assert not list((tmp_path / "fsdp" / "checkpoint-000002").glob("*.safetensors"))  # nothing gathered to save
 
