@@ -25,13 +25,13 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 """Attribute names under which the supported denoisers keep their transformer blocks (one FSDP unit each)."""
 
 
-def shard_module(module: nn.Module, cpu_offload: bool = False) -> None:
+def shard_module(module: nn.Module, cpu_offload: bool = False, pin_memory: bool = True) -> None:
     """``fully_shard`` every transformer block of ``module`` (one all-gather per block in forward and backward),
     then the module itself (the rest: embeddings, norms, projections). ``cpu_offload``: shards, gradients and the
-    optimizer state live in CPU memory and go to the device per block."""
+    optimizer state live in CPU memory (pinned, for GPUs: ``pin_memory``) and go to the device per block."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    policy = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     for attr in BLOCK_LISTS:
         for block in getattr(module, attr, None) or []:
             fully_shard(block, offload_policy=policy)

@@ -7,7 +7,9 @@ training a denoiser large enough for its weights to dominate (random weights, bu
 Each configuration runs ``diffrl.trainer.train`` for one RL step (rollouts, rewards, one update, a checkpoint, the
 export) in fresh processes (1 unsharded, then 2 under ``torchrun`` with ``model.fsdp=true``); every process reports
 its peak RSS (``ru_maxrss``, which covers loading) and its RSS after importing torch and diffusers (the part no
-sharding can remove). Prints a markdown table and, last, one JSON line; ``--out`` also writes both.
+sharding can remove). Both run with glibc's mmap threshold fixed at 1 MB (``MALLOC_MMAP_THRESHOLD_``): otherwise
+freed FSDP all-gather buffers stay resident and RSS measures the allocator, not the live memory. Prints a markdown
+table and, last, one JSON line; ``--out`` also writes both.
 """
 from __future__ import annotations
 
@@ -76,7 +78,11 @@ def measure(model: Path, processes: int, overrides: list[str], work: Path) -> di
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     cmd = [*launcher, __file__, "--worker", "--model", str(model), "--workdir", str(report / "run"), "--report",
            str(report), *overrides, *(["model.fsdp=true"] if processes > 1 else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes)), "HF_HUB_OFFLINE": "1"}
+    # glibc keeps freed heap chunks of up to 32 MB resident (its mmap threshold grows with use), so FSDP's gathered
+    # blocks, freed after each forward, would stay in RSS as if alive; a fixed 1 MB threshold returns them to the OS.
+    # Both configurations run with it (a GPU's caching allocator reuses that memory instead).
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes)), "HF_HUB_OFFLINE": "1",
+           "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"bench_fsdp_memory: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -109,8 +115,8 @@ def main() -> None:
             one = measure(work / "model", 1, extra, work)
             two = measure(work / "model", 2, extra, work)
             rows.append({"mode": mode, "unsharded": one, "fsdp2": two, "ratio": round(two["peak_mb"] / one["peak_mb"], 3)})
-    lines = [f"Peak RSS per process, one RL step of a {params / 1e6:.0f}M-parameter SD3 transformer (fp32, random "
-             f"weights; {os.cpu_count()} CPUs):", "",
+    lines = [f"Peak RSS per process, one RL step of a {params / 1e6:.0f}M-parameter SD3 transformer ({args.layers} "
+             f"blocks of width {args.dim}, fp32, random weights; {os.cpu_count()} CPUs, MALLOC_MMAP_THRESHOLD_=1 MB):", "",
              "| training | 1 process, unsharded (MB) | FSDP2, 2 processes: per process (MB) | ratio | after imports (MB) |",
              "|---|---|---|---|---|"]
     for r in rows:

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests_helpers import ROOT, SUBPROCESS_ENV
 
 
@@ -37,3 +39,18 @@ def test_explore_benchmark_ends_with_its_json_contract():
     assert result["regen_exact"] is True and result["path"] == "emulated"
     assert result["explore_s"] > 0 and result["regen_s"] > 0
     assert result["spearman"] is None or -1.0 <= result["spearman"] <= 1.0
+
+
+@pytest.mark.slow
+def test_fsdp_memory_benchmark_runs_one_and_two_processes(tmp_path):
+    """bench_fsdp_memory.py at a tiny size: one unsharded process, then two FSDP processes, each reporting its peak
+    RSS; the table and the JSON line come out (the README's numbers come from the full-size run)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_fsdp_memory.py"), "--layers", "2", "--dim",
+                           "64", "--modes", "lora", "--out", str(tmp_path / "mem")], capture_output=True, text=True,
+                          env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    row = result["rows"][0]
+    assert row["unsharded"]["processes"] == 1 and row["fsdp2"]["processes"] == 2
+    assert row["fsdp2"]["peak_mb"] >= row["fsdp2"]["imported_mb"] > 100
+    assert "| LoRA |" in (tmp_path / "mem.md").read_text()

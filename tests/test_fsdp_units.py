@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffrl.fsdp import SafetensorsWeights, local_rows, lora_init
-from tests_helpers import MODEL
+from tests_helpers import MODEL, ROOT
 
 
 @pytest.mark.parametrize("d0", [0, 1, 7, 10, 64])
@@ -56,3 +56,14 @@ def test_a_meta_models_lora_is_the_lora_peft_draws_on_the_real_model():
     for name, value in expected.items():
         assert torch.equal(drawn[name], value.detach()), name
     assert torch.equal(torch.get_rng_state(), after_real)  # the run's later draws are the unsharded run's too
+
+
+def test_fsdp_settings_that_cannot_work_are_one_sentence(tmp_path):
+    from diffrl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'model.fsdp_cpu_offload' offloads FSDP shards: it needs 'model.fsdp' true"):
+        load_config(str(ROOT / "configs") + "/tiny_shapes.yaml", ["model.fsdp_cpu_offload=true"])
+    with pytest.raises(ConfigError, match="'model.fsdp' and 'explore' do not combine yet"):
+        load_config(str(ROOT / "configs") + "/tiny_shapes_explore.yaml", ["model.fsdp=true"])
+    for extra in ([], ["model.lora_rank=0"], ["train.objective=ppo", "train.ema_decay=0.9"]):  # all allowed now
+        assert load_config(str(ROOT / "configs") + "/tiny_shapes.yaml", ["model.fsdp=true", *extra]).model.fsdp

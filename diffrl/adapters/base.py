@@ -265,7 +265,7 @@ class DiffusersAdapter:
         for group in groups:
             for name, module in group.items():
                 buffers = {k: b.detach().clone() for k, b in module.named_buffers()} if self.on_meta else {}
-                fsdp.shard_module(module, cpu_offload)
+                fsdp.shard_module(module, cpu_offload, pin_memory=self.device.type == "cuda")
                 if self.on_meta:
                     weights = fsdp.SafetensorsWeights(weights_folder(self.pipe.name_or_path, name))
                     try:
