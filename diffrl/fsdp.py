@@ -162,6 +162,54 @@ def full_tensors(params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[s
         yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
 
 
+EXPORT_SHARD_BYTES = 2**30
+"""Largest safetensors file ``save_full`` writes (diffusers reads the sharded layout through its index)."""
+
+
+def save_full(module: nn.Module, folder: Path, stem: str, max_bytes: int = EXPORT_SHARD_BYTES) -> None:
+    """Write the whole state dict of sharded ``module`` (a collective; the first process writes) as
+    ``folder/<stem>.safetensors``, or past ``max_bytes`` as ``<stem>-0000i-of-0000n.safetensors`` files with
+    ``<stem>.safetensors.index.json``, the layout ``save_pretrained`` writes. Each parameter is gathered alone and
+    dropped once its file is written: the first process holds at most one file's tensors."""
+    from safetensors.torch import save_file
+
+    rank, folder = dist.get_rank(), Path(folder)
+    written: list[tuple[Path, list[str]]] = []
+    pending: dict[str, Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal pending, size, total
+        total += size
+        if pending:
+            path = folder / f".part-{len(written):05d}.safetensors"
+            save_file(pending, str(path))
+            written.append((path, list(pending)))
+        pending, size = {}, 0
+
+    for key, value in module.state_dict().items():
+        full = (value.full_tensor() if hasattr(value, "full_tensor") else value).detach()
+        if rank != 0:
+            continue
+        pending[key] = full.cpu().contiguous()
+        size += full.numel() * full.element_size()
+        if size >= max_bytes:
+            flush()
+    if rank != 0:
+        return
+    flush()
+    if len(written) == 1:
+        written[0][0].replace(folder / f"{stem}.safetensors")
+        return
+    weight_map = {}
+    for i, (path, keys) in enumerate(written):
+        name = f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        path.replace(folder / name)
+        weight_map.update({k: name for k in keys})
+    (folder / f"{stem}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def as_sharded(params: Iterable[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``trained_local`` shards wrapped as DTensors laid out like their parameters (what a sharded checkpoint
     stores: each process writes its own rows)."""

@@ -509,7 +509,10 @@ def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
-    """Final evaluation, plots, the diffusers-format export (LoRA or transformer) and summary.json."""
+    """Final evaluation, plots, the diffusers-format export (LoRA or transformer) and summary.json. The optimizer's
+    state and gradients are dropped first (the last checkpoint holds them): their memory goes to the export."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.state.clear()
     with Swap(run.adapter, state.ema):
         result = evaluate(run)
         write_grid(run, state)

@@ -67,3 +67,45 @@ def test_fsdp_settings_that_cannot_work_are_one_sentence(tmp_path):
         load_config(str(ROOT / "configs") + "/tiny_shapes_explore.yaml", ["model.fsdp=true"])
     for extra in ([], ["model.lora_rank=0"], ["train.objective=ppo", "train.ema_decay=0.9"]):  # all allowed now
         assert load_config(str(ROOT / "configs") + "/tiny_shapes.yaml", ["model.fsdp=true", *extra]).model.fsdp
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def test_full_export_in_several_files_loads_in_diffusers_and_reloads_shard_by_shard(tmp_path, one_process_group):
+    """``save_full`` past its file size writes the sharded ``save_pretrained`` layout (files + index), which
+    diffusers loads, and which ``materialize`` reads back into a meta-built sharded model: the same tensors."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    from diffrl.fsdp import materialize, save_full, shard_module
+
+    original = SD3Transformer2DModel.from_pretrained(MODEL, subfolder="transformer")
+    expected = {k: v.clone() for k, v in original.state_dict().items()}
+    shard_module(original)
+    original.save_config(str(tmp_path))
+    save_full(original, tmp_path, "diffusion_pytorch_model", max_bytes=2**20)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) > 5 and files[0] == f"diffusion_pytorch_model-00001-of-{len(files):05d}.safetensors"
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = SD3Transformer2DModel.from_pretrained(str(tmp_path)).state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+    with init_empty_weights(include_buffers=False):
+        meta = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(tmp_path)))
+    buffers = {k: b.clone() for k, b in meta.named_buffers()}
+    shard_module(meta)
+    weights = SafetensorsWeights(tmp_path)
+    try:
+        materialize(meta, torch.device("cpu"), weights, buffers, None)
+    finally:
+        weights.close()
+    for key, value in meta.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        assert torch.equal(full, expected[key]), key

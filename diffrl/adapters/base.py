@@ -441,49 +441,36 @@ class DiffusersAdapter:
 
     def _export_sharded(self, run_dir: str, state: Optional[dict[str, Tensor]] = None) -> str:
         """``export`` of sharded denoisers (a collective): ``state`` (this process's shards, e.g. the EMA) swapped
-        in, the trained weights gathered once, the first process writes them: the LoRA through ``save_lora``, or
-        full weights laid out as ``save_pretrained`` lays a folder out (``config.json`` +
-        ``diffusion_pytorch_model.safetensors``)."""
+        in, the trained weights gathered once and written by the first process: the LoRA through ``save_lora``, or
+        full weights as ``save_pretrained`` lays a folder out (``config.json`` and safetensors files, sharded with
+        an index past ``fsdp.EXPORT_SHARD_BYTES``), gathered one tensor at a time so the first process never holds
+        more than one file's worth."""
         import torch.distributed as dist
-        from safetensors.torch import save_file
+        from peft.utils import get_peft_model_state_dict
+
+        from diffrl import fsdp
 
         saved = self.trained_state_dict() if state is not None else None
         if state is not None:
             self.load_trained_state_dict(state)
         try:
-            parts = self._gather_trained()
+            if self.full_finetune:
+                for name, module in self.denoisers.items():
+                    if dist.get_rank() == 0:
+                        module.save_config(str(Path(run_dir) / name))
+                    fsdp.save_full(module, Path(run_dir) / name, "diffusion_pytorch_model")
+                return str(Path(run_dir) / "transformer")
+            parts: dict[str, Tensor] = {}
+            for name, module in self.denoisers.items():
+                lora = dict(fsdp.full_tensors((n, p) for n, p in module.named_parameters() if p.requires_grad))
+                part = get_peft_model_state_dict(module, state_dict=lora)
+                parts.update({(k if name == "transformer" else f"{name}.{k}"): v for k, v in part.items()})
         finally:
             if saved is not None:
                 self.load_trained_state_dict(saved)
-        if dist.get_rank() != 0:
-            return ""
-        if not self.full_finetune:
+        if dist.get_rank() == 0:
             self.save_lora(str(Path(run_dir) / "lora"), parts)
-            return str(Path(run_dir) / "lora")
-        split = self._split(parts)
-        for name, module in self.denoisers.items():
-            folder = Path(run_dir) / name
-            module.save_config(str(folder))
-            save_file({k: v.contiguous() for k, v in split[name].items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-        return str(Path(run_dir) / "transformer")
-
-    def _gather_trained(self) -> dict[str, Tensor]:
-        """The sharded trained weights gathered whole on the CPU of every process, keyed as the unsharded
-        ``trained_state_dict`` keys them (peft's LoRA names, or the full state dicts); a collective."""
-        from peft.utils import get_peft_model_state_dict
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from diffrl.fsdp import full_tensors
-
-        out: dict[str, Tensor] = {}
-        for name, module in self.denoisers.items():
-            if self.full_finetune:
-                part = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            else:
-                lora = dict(full_tensors((n, p) for n, p in module.named_parameters() if p.requires_grad))
-                part = get_peft_model_state_dict(module, state_dict=lora)
-            out.update({(k if name == "transformer" else f"{name}.{k}"): v for k, v in part.items()})
-        return out
+        return str(Path(run_dir) / "lora")
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
