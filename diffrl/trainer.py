@@ -273,7 +273,7 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
             return leaf_adv.reshape(leaf_r.shape)[trees], valid[trees]
         node_adv = _node_means(leaf_adv.reshape(leaf_r.shape), sched, valid)
     if cfg.log.save_advantages and run.rank == 0:
-        save_file({"node_advantages": node_adv.contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
+        save_file({"node_advantages": node_adv.cpu().contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
     adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
     return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
 

@@ -222,23 +222,24 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
             on_policy = epoch == 0 and u == 0
             for chunk in chunks:
                 pts = (leaf[chunk], sigma[chunk], eps[chunk])
-                st = _nft_chunk_loss(run, pts, x0_all, cond_all, adv, leaves, snapshot, on_policy, len(chunk) / len(points))
+                st = _nft_chunk_loss(run, pts, x0_all, cond_all, adv, leaves, snapshot, on_policy, (len(chunk), len(points)))
                 if epoch == 0:
                     for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
                         stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
             dummy = (torch.zeros(1, dtype=torch.long, device=leaf.device), run.sigmas[:1].to(leaf.device),
                      torch.zeros(1, *ad.latent_shape, device=leaf.device))
             for _ in range(len(chunks), _most_calls(run, len(chunks))):  # FSDP: join the others' collectives
-                _nft_chunk_loss(run, dummy, x0_all, cond_all, adv, leaves, snapshot, on_policy, 0.0)
+                _nft_chunk_loss(run, dummy, x0_all, cond_all, adv, leaves, snapshot, on_policy, (0, 1))
             _apply_update(run)
     return stats_sum
 
 
 def _nft_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict, adv: Tensor,
-                    leaves: int, snapshot: Optional[dict], on_policy: bool, weight: float):
+                    leaves: int, snapshot: Optional[dict], on_policy: bool, share: tuple[int, int]):
     """DiffusionNFT's loss on some training points (local leaf indices ``[P]``, sigmas ``[P]``, noises ``[P, ...]``)
-    and its backward, weighted (by their share of the update's points; 0 for a process that only joins the others'
-    collectives); returns the loss statistics."""
+    and its backward, weighted by their share ``(points, points in the update)`` (``(0, 1)`` for a process that only
+    joins the others' collectives; multiplied then divided, as the release did, so runs reproduce bit for bit);
+    returns the loss statistics."""
     cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
     li, sg, noise = points
     x0 = x0_all[li].float()
@@ -258,7 +259,7 @@ def _nft_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Ten
             v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
     loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
                         adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
-    (loss * weight).backward()
+    (loss * share[0] / share[1]).backward()
     return st
 
 
