@@ -38,6 +38,11 @@ def shard_module(module: nn.Module, cpu_offload: bool = False, pin_memory: bool 
     fully_shard(module, offload_policy=policy)
 
 
+def _local(p: Tensor) -> Tensor:
+    """This process's part of a (possibly) sharded tensor: a DTensor's local shard, a plain tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def local_rows(d0: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of a ``d0``-row parameter held by ``rank`` (``torch.chunk`` over ``world``)."""
     size = math.ceil(d0 / world) if d0 else 0
@@ -61,7 +66,6 @@ class SafetensorsWeights:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {folder}")
-        self.files: dict[str, Path] = {}
         self._meta: dict[str, tuple[Path, torch.dtype, list[int], int]] = {}
         for f in files:
             with open(f, "rb") as h:
@@ -70,12 +74,11 @@ class SafetensorsWeights:
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
-                self.files[key] = f
                 self._meta[key] = (f, _DTYPES[info["dtype"]], info["shape"], 8 + n + info["data_offsets"][0])
         self._fds: dict[Path, int] = {}
 
     def keys(self) -> Iterable[str]:
-        return self.files.keys()
+        return self._meta.keys()
 
     def rows(self, key: str, start: int, stop: int) -> Tensor:
         """Rows ``[start, stop)`` (dim 0) of tensor ``key``, in its stored dtype; a 0-dim tensor whole."""
@@ -84,7 +87,7 @@ class SafetensorsWeights:
             start, stop, row_shape = 0, 1, []
         else:
             row_shape = shape[1:]
-        row_bytes = math.prod(row_shape) * torch.empty(0, dtype=dtype).element_size()
+        row_bytes = math.prod(row_shape) * dtype.itemsize
         if f not in self._fds:
             self._fds[f] = os.open(f, os.O_RDONLY)
         data = bytearray(max(stop - start, 0) * row_bytes)
@@ -114,13 +117,13 @@ def materialize(module: nn.Module, device: torch.device, weights: SafetensorsWei
             if name in buffers:
                 buf.copy_(buffers[name])
         for name, p in module.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = _local(p)
             start, stop = local_rows(p.shape[0], rank, world) if p.dim() else (0, 0)
             if name in lora:
                 local.copy_(lora[name][start:stop])
             else:
                 key = name.replace(".base_layer.", ".")
-                if key not in weights.files:
+                if key not in weights.keys():
                     raise KeyError(f"parameter {key!r} is not in the checkpoint")
                 local.copy_(weights.rows(key, start, stop))
 
@@ -146,14 +149,14 @@ def lora_init(module: nn.Module, lora_rank: int) -> dict[str, Tensor]:
 
 def trained_local(params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
     """This process's shard of each trained parameter (copies, keyed by parameter name): no communication."""
-    return {name: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for name, p in params}
+    return {name: _local(p).detach().clone() for name, p in params}
 
 
 def load_local(params: Iterable[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> None:
     """Copy ``trained_local`` shards back into the parameters."""
     with torch.no_grad():
         for name, p in params:
-            (p.to_local() if hasattr(p, "to_local") else p).copy_(state[name])
+            _local(p).copy_(state[name])
 
 
 def full_tensors(params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, Tensor]]:

@@ -148,10 +148,8 @@ def test_a_training_step_on_cuda_mixes_no_devices_and_computes_what_the_cpu_comp
     assert mode.calls > 1000  # the mode saw the step, not a short cut
     for key in ("reward_mean", "reward_std", "kl", "trained_edges", "clip_frac"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    moved = sum(not torch.equal(a, b) for a, b in zip(cpu_weights, cuda_weights))
     for a, b in zip(cpu_weights, cuda_weights):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert moved <= len(cpu_weights)
 
 
 def _old_prompt_groups(prompts, device):

@@ -419,55 +419,55 @@ class DiffusersAdapter:
             out = directory if name == "transformer" else str(Path(directory) / name)
             type(self.pipe).save_lora_weights(out, transformer_lora_layers=part, safe_serialization=True)
 
+    @contextlib.contextmanager
+    def _swapped_in(self, state: Optional[dict[str, Tensor]]) -> Iterator[None]:
+        """``state`` (laid out as ``trained_state_dict`` returns it) loaded inside the block, the current trained
+        weights restored after; a no-op for None."""
+        saved = self.trained_state_dict() if state is not None else None
+        if state is not None:
+            self.load_trained_state_dict(state)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                self.load_trained_state_dict(saved)
+
     def export(self, run_dir: str, state: Optional[dict[str, Tensor]] = None) -> str:
         """Write the trained weights (``state``, e.g. the EMA, or the current ones) for diffusers and return where:
         the LoRA to ``run_dir/lora`` (``save_lora``), fully fine-tuned denoisers with ``save_pretrained`` to
         ``run_dir/transformer`` (and ``run_dir/transformer_2``), which replace the pipeline's own folders."""
         if self.sharded:
-            return self._export_sharded(run_dir, state)
+            with self._swapped_in(state):
+                return self._export_sharded(run_dir)
         if not self.full_finetune:
             self.save_lora(str(Path(run_dir) / "lora"), state)
             return str(Path(run_dir) / "lora")
-        saved = self.trained_state_dict() if state is not None else None
-        if state is not None:
-            self.load_trained_state_dict(state)
-        try:
+        with self._swapped_in(state):
             for name, module in self.denoisers.items():
                 module.save_pretrained(str(Path(run_dir) / name), safe_serialization=True)
-        finally:
-            if saved is not None:
-                self.load_trained_state_dict(saved)
         return str(Path(run_dir) / "transformer")
 
-    def _export_sharded(self, run_dir: str, state: Optional[dict[str, Tensor]] = None) -> str:
-        """``export`` of sharded denoisers (a collective): ``state`` (this process's shards, e.g. the EMA) swapped
-        in, the trained weights gathered once and written by the first process: the LoRA through ``save_lora``, or
-        full weights as ``save_pretrained`` lays a folder out (``config.json`` and safetensors files, sharded with
-        an index past ``fsdp.EXPORT_SHARD_BYTES``), gathered one tensor at a time so the first process never holds
-        more than one file's worth."""
+    def _export_sharded(self, run_dir: str) -> str:
+        """``export`` of sharded denoisers (a collective): the trained weights gathered once and written by the first
+        process: the LoRA through ``save_lora``, or full weights as ``save_pretrained`` lays a folder out
+        (``config.json`` and safetensors files, sharded with an index past ``fsdp.EXPORT_SHARD_BYTES``), gathered one
+        tensor at a time so the first process never holds more than one file's worth."""
         import torch.distributed as dist
         from peft.utils import get_peft_model_state_dict
 
         from diffrl import fsdp
 
-        saved = self.trained_state_dict() if state is not None else None
-        if state is not None:
-            self.load_trained_state_dict(state)
-        try:
-            if self.full_finetune:
-                for name, module in self.denoisers.items():
-                    if dist.get_rank() == 0:
-                        module.save_config(str(Path(run_dir) / name))
-                    fsdp.save_full(module, Path(run_dir) / name, "diffusion_pytorch_model")
-                return str(Path(run_dir) / "transformer")
-            parts: dict[str, Tensor] = {}
+        if self.full_finetune:
             for name, module in self.denoisers.items():
-                lora = dict(fsdp.full_tensors((n, p) for n, p in module.named_parameters() if p.requires_grad))
-                part = get_peft_model_state_dict(module, state_dict=lora)
-                parts.update({(k if name == "transformer" else f"{name}.{k}"): v for k, v in part.items()})
-        finally:
-            if saved is not None:
-                self.load_trained_state_dict(saved)
+                if dist.get_rank() == 0:
+                    module.save_config(str(Path(run_dir) / name))
+                fsdp.save_full(module, Path(run_dir) / name, "diffusion_pytorch_model")
+            return str(Path(run_dir) / "transformer")
+        parts: dict[str, Tensor] = {}
+        for name, module in self.denoisers.items():
+            lora = dict(fsdp.full_tensors((n, p) for n, p in module.named_parameters() if p.requires_grad))
+            part = get_peft_model_state_dict(module, state_dict=lora)
+            parts.update({(k if name == "transformer" else f"{name}.{k}"): v for k, v in part.items()})
         if dist.get_rank() == 0:
             self.save_lora(str(Path(run_dir) / "lora"), parts)
         return str(Path(run_dir) / "lora")
