@@ -437,16 +437,10 @@ def activations(family: Family, geometry: Geometry, rows: int, lora: Optional[tu
     if lora is None:
         model.requires_grad_(True)
     else:
-        from peft import LoraConfig
+        from diffrl.adapters.base import attach_lora
 
-        rank, alpha, targets = lora
         with torch.device("meta"):
-            model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                         target_modules=list(targets)))
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
-            if "lora_" in name:
-                p.data = p.data.float()
+            attach_lora(model, *lora)
     saved = saved_bytes(model, family.blocks(model), family.inputs(rows, geometry))
     types = family.block_types(family.transformer)
     block = max(saved.get(i, 0) for i, _, _ in types)

@@ -109,6 +109,17 @@ def _is_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(path).exists()
 
 
+def attach_lora(module: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """peft LoRA adapters (gaussian init) on ``module``'s ``targets``, in fp32, with only the adapters trainable."""
+    from peft import LoraConfig
+
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            p.data = p.data.float()
+
+
 class DiffusersAdapter:
     """A diffusers pipeline with a trainable LoRA on its denoiser (``self.transformer``); subclasses implement the
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
@@ -223,8 +234,6 @@ class DiffusersAdapter:
     def add_lora(self, rank: int, alpha: float, targets: Sequence[str]) -> None:
         """Attach trainable LoRA adapters (peft) to every denoiser, in fp32; the reference is the adapters off.
         rank 0: full fine-tuning instead (``enable_full_finetuning``)."""
-        from peft import LoraConfig
-
         self.lora_rank = rank
         if rank == 0:
             self.enable_full_finetuning()
@@ -232,12 +241,7 @@ class DiffusersAdapter:
         # On meta the adapters' values are drawn later by ``shard`` (``fsdp.lora_init``), from this RNG state.
         rng = torch.get_rng_state() if self.on_meta else None
         for module in self.denoisers.values():
-            module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                          target_modules=list(targets)))
-            for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name)
-                if "lora_" in name:
-                    p.data = p.data.float()
+            attach_lora(module, rank, alpha, targets)
         if rng is not None:
             torch.set_rng_state(rng)
 
