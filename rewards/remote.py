@@ -10,6 +10,19 @@ Wire format (JSON, no pickle): ``POST /score`` with ``{"prompts": [str], "images
 ``{"scores": {name: [float or null]}}`` (null for NaN). ``GET /health`` answers ``{"ok": true, "reward": path}``.
 A malformed request gets a 400 with ``{"error": message}``; a reward that raises gets a 500 with its message;
 the server keeps serving either way.
+
+Limits, so that no request can take the server's memory or threads (each a ``make_server`` keyword where named):
+- The body needs a ``Content-Length`` of 1 to ``MAX_BODY`` bytes (missing, not a decimal integer, or 0: 400; over
+  the cap: 413) and at most ``MAX_JSON_VALUES`` JSON values (tiny values take ~20x their size in memory); JSON
+  nested too deep is a 400.
+- Pixel budgets, checked from each PNG's header before any image is decoded: ``max_image_pixels`` per image or frame
+  (default ``MAX_IMAGE_PIXELS``) and ``max_request_pixels`` over all images or all frames of all videos
+  (``MAX_REQUEST_PIXELS``). Anything that is not a PNG is refused undecoded. Over a budget: a 400 naming it.
+- ``timeout`` seconds (``SOCKET_TIMEOUT``) for each read or write on a connection: a client that stops sending
+  mid-request is dropped and its thread freed.
+- At most ``max_workers`` (``MAX_WORKERS``) connections are handled at once; further ones wait to be accepted.
+So each worker holds at most a few times ``MAX_BODY`` (the body, its text, its JSON) plus the decoded batch (4 bytes a
+pixel for images, 12 for video frames as float32 [0, 1]).
 """
 from __future__ import annotations
 
@@ -18,6 +31,9 @@ import io
 import json
 import logging
 import math
+import socket
+import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,21 +48,45 @@ from torch import Tensor
 from rewards.shapes import to_pil
 
 log = logging.getLogger("diffrl")
-MAX_BODY = 256 * 1024 * 1024
+MAX_BODY = 256 * 1024 * 1024  # bytes
+MAX_JSON_VALUES = 100_000  # values in one body: a 16 x 121-frame video batch has about 2,000
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image or frame: 64 MB once decoded (PIL keeps RGB at 4 bytes a pixel)
+MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # per request: 64 images at 1024x1024, or two 81-frame 480x832 videos
+SOCKET_TIMEOUT = 30.0  # seconds a connection may stay silent mid-request
+MAX_WORKERS = 8  # connections handled at once
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class RemoteRewardError(RuntimeError):
     """The reward server refused a request (4xx) or stayed unreachable after the retries."""
 
 
+class _BodyTooLarge(ValueError):
+    """A request body over ``MAX_BODY`` bytes (answered with a 413)."""
+
+
 def png_b64(image: Image.Image) -> str:
+    """One image as a base64 PNG (RGB)."""
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's first 24 bytes (signature, then the IHDR chunk's length, type, width and
+    height as big-endian uint32), without decoding anything; ValueError if ``data`` does not start as a PNG."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG: every image and frame must be a base64 PNG")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
 def from_png_b64(text: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+    """One base64 PNG as an RGB image without its metadata. Decoding allocates the size its header claims: check
+    that first (``png_size``, as ``decode_request`` does)."""
+    image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"]).convert("RGB")
+    image.info = {}  # text chunks may hold up to 64 MB per image (PIL's MAX_TEXT_MEMORY): keep none alive
+    return image
 
 
 def encode_request(media: Any, prompts: Sequence[str]) -> dict:
@@ -56,28 +96,94 @@ def encode_request(media: Any, prompts: Sequence[str]) -> dict:
     return {"prompts": list(prompts), "images": [png_b64(img) for img in to_pil(media)]}
 
 
-def decode_request(body: dict) -> tuple[Any, list[str]]:
-    """``(media, prompts)`` from a request body; ValueError with a message on anything malformed."""
+def _parse_body(data: bytes) -> Any:
+    """The JSON in a request body; ValueError (with a message) on bad JSON, too many values or too deep nesting."""
+    # every value after the first follows one of these (an object member counts once); so may text in strings
+    values = data.count(b",") + data.count(b"[") + data.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise ValueError(f"the body holds up to {values} JSON values, over the limit of {MAX_JSON_VALUES}")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("the body's JSON is nested too deeply") from None
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def pixel_sizes(pngs: Sequence[str], max_image_pixels: int, max_request_pixels: int) -> list[tuple[int, int]]:
+    """``(width, height)`` of each base64 PNG from its header alone; ValueError naming the budget and the size when
+    one image has over ``max_image_pixels`` or all of them together over ``max_request_pixels``."""
+    sizes, total = [], 0
+    for i, text in enumerate(pngs):
+        width, height = png_size(base64.b64decode(text[:32], validate=True))  # 32 characters = the 24 header bytes
+        pixels = width * height
+        if pixels > max_image_pixels:
+            raise ValueError(f"image/frame {i} is {width}x{height} = {pixels} pixels, over the budget of "
+                             f"{max_image_pixels} pixels per image")
+        total += pixels
+        if total > max_request_pixels:
+            raise ValueError(f"images/frames 0-{i} hold {total} pixels, over the budget of {max_request_pixels} "
+                             "pixels per request (send smaller batches: the remote reward's batch_size)")
+        sizes.append((width, height))
+    return sizes
+
+
+def _decode_videos(videos: list[list[str]], max_image_pixels: int, max_request_pixels: int) -> Tensor:
+    if not videos or not videos[0] or len({len(v) for v in videos}) > 1:
+        raise ValueError("every video must have the same number of frames, at least one")
+    sizes = pixel_sizes([f for v in videos for f in v], max_image_pixels, max_request_pixels)
+    if len(set(sizes)) > 1:
+        raise ValueError("every frame of every video must have the same size")
+    width, height = sizes[0]
+    out = np.empty((len(videos), len(videos[0]), height, width, 3), dtype=np.float32)  # filled frame by frame
+    for b, video in enumerate(videos):
+        for f, frame in enumerate(video):
+            out[b, f] = np.asarray(from_png_b64(frame), dtype=np.float32) / 255
+    return torch.from_numpy(out).permute(0, 1, 4, 2, 3)
+
+
+def decode_request(body: Any, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                   max_request_pixels: int = MAX_REQUEST_PIXELS) -> tuple[Any, list[str]]:
+    """``(media, prompts)`` from a request body: a list of RGB images, or videos as ``[B, F, 3, H, W]`` floats in
+    [0, 1]. ValueError with a message on anything malformed or over a pixel budget (checked before decoding)."""
     if not isinstance(body, dict) or not isinstance(body.get("prompts"), list):
         raise ValueError("the body must be a JSON object with a 'prompts' list")
     prompts = body["prompts"]
-    if not all(isinstance(p, str) for p in prompts):
+    if not _is_strings(prompts):
         raise ValueError("'prompts' must be a list of strings")
-    try:
-        if "videos" in body:
-            videos = [[np.asarray(from_png_b64(f), dtype=np.float32) / 255 for f in v] for v in body["videos"]]
-            if len({len(v) for v in videos}) > 1 or len({f.shape for v in videos for f in v}) > 1:
-                raise ValueError("every video must have the same number and size of frames")
-            media = torch.from_numpy(np.stack([np.stack(v) for v in videos])).permute(0, 1, 4, 2, 3)
-        elif "images" in body:
-            media = [from_png_b64(img) for img in body["images"]]
-        else:
-            raise ValueError("the body needs 'images' (base64 PNGs) or 'videos' (lists of base64 PNG frames)")
-    except (ValueError, OSError, TypeError) as e:
-        raise ValueError(f"cannot decode the media: {e}") from None
+    if "videos" in body:
+        media = body["videos"]
+        if not isinstance(media, list) or not all(_is_strings(v) for v in media):
+            raise ValueError("'videos' must be a list of lists of base64 PNG frames")
+    elif "images" in body:
+        media = body["images"]
+        if not _is_strings(media):
+            raise ValueError("'images' must be a list of base64 PNG strings")
+    else:
+        raise ValueError("the body needs 'images' (base64 PNGs) or 'videos' (lists of base64 PNG frames)")
     if len(media) != len(prompts):
         raise ValueError(f"{len(media)} media for {len(prompts)} prompts")
-    return media, prompts
+    try:
+        if "videos" in body:
+            return _decode_videos(media, max_image_pixels, max_request_pixels), prompts
+        pixel_sizes(media, max_image_pixels, max_request_pixels)
+        return [from_png_b64(img) for img in media], prompts
+    except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: SyntaxError on a broken PNG
+        raise ValueError(f"cannot decode the media: {e}") from None
+
+
+def _body_length(header: Optional[str]) -> int:
+    """The body's size from its ``Content-Length`` header: ValueError unless a decimal integer from 1,
+    _BodyTooLarge over ``MAX_BODY``."""
+    if header is None:
+        raise ValueError("the request needs a Content-Length header")
+    if not (header.isascii() and header.strip().isdigit()) or int(header) == 0:
+        raise ValueError(f"bad Content-Length {header!r}: it must be the body's size in bytes, from 1")
+    if int(header) > MAX_BODY:
+        raise _BodyTooLarge(f"Content-Length {int(header)} is over the limit of {MAX_BODY} bytes")
+    return int(header)
 
 
 def _jsonable(scores: dict) -> dict:
@@ -88,8 +194,47 @@ def _jsonable(scores: dict) -> dict:
     return out
 
 
-def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
-    """An HTTP server (not started) that scores requests with ``reward``; ``port=0`` picks a free port."""
+class RewardServer(ThreadingHTTPServer):
+    """A threaded HTTP server that handles at most ``max_workers`` connections at once: the next connection waits
+    for a free worker before it is accepted (then in the listen backlog of ``request_queue_size``)."""
+
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type, max_workers: int) -> None:
+        super().__init__(address, handler)
+        self._workers = threading.BoundedSemaphore(max_workers)
+        self._closing = threading.Event()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Wait for a free worker (waking up to see whether ``shutdown`` was called), then handle on its thread."""
+        while not self._workers.acquire(timeout=0.2):
+            if self._closing.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: free its worker
+            self._workers.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        """Handle one connection on a worker's thread, then free the worker."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._workers.release()
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever``, also while it waits for a free worker."""
+        self._closing.set()
+        super().shutdown()
+
+
+def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int = 8765, *,
+                max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS,
+                timeout: float = SOCKET_TIMEOUT, max_workers: int = MAX_WORKERS) -> RewardServer:
+    """An HTTP server (not started) that scores requests with ``reward``; ``port=0`` picks a free port. The limits
+    (pixel budgets, the per-read/write socket ``timeout`` in seconds, ``max_workers``) are the module docstring's."""
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, payload: dict) -> None:
@@ -99,6 +244,13 @@ def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int 
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _read_body(self) -> bytes:
+            length = _body_length(self.headers.get("Content-Length"))
+            data = self.rfile.read(length)  # a TimeoutError here drops the connection (handle_one_request)
+            if len(data) < length:
+                raise ValueError(f"the body ended after {len(data)} of {length} bytes")
+            return data
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/health":
@@ -110,13 +262,12 @@ def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int 
             if self.path != "/score":
                 self._send(404, {"error": f"no such path {self.path!r}; use POST /score"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length <= 0 or length > MAX_BODY:
-                self._send(400 if length <= 0 else 413, {"error": f"bad Content-Length {length}"})
-                return
             try:
-                media, prompts = decode_request(json.loads(self.rfile.read(length)))
-            except (ValueError, json.JSONDecodeError) as e:
+                media, prompts = decode_request(_parse_body(self._read_body()), max_image_pixels, max_request_pixels)
+            except _BodyTooLarge as e:
+                self._send(413, {"error": str(e)})
+                return
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
                 self._send(400, {"error": str(e)})
                 return
             try:
@@ -129,7 +280,8 @@ def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int 
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("reward server: " + fmt, *args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    Handler.timeout = timeout  # StreamRequestHandler.setup puts it on each connection's socket
+    return RewardServer((host, port), Handler, max_workers)
 
 
 def build(url: str = "http://127.0.0.1:8765", timeout: float = 60.0, retries: int = 3, batch_size: int = 16,
