@@ -21,6 +21,10 @@ from safetensors.torch import load_file, save_file
 KEEP = 2
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
 def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict) -> Path:
     """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints; temporary folders left by a
     save that was killed midway are removed first (they are never loaded, only disk)."""
@@ -28,17 +32,30 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     for stale in run_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=run_dir))
-    for name, sd in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer, tmp / "optimizer.pt")
-    _write_state(tmp, step, state)
     final = run_dir / f"checkpoint-{step:06d}"
+    try:
+        for name, sd in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        _write_state(tmp, step, state)
+    except Exception as e:  # noqa: BLE001 - disk full, quota, permissions: one sentence, the previous one intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {final.name} in {run_dir} ({str(e).splitlines()[0]}); the previous "
+                              f"checkpoint {getattr(latest(run_dir), 'name', '(none)')} is intact") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(run_dir.glob("checkpoint-*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, final)
     return final
+
+
+def prune(run_dir: Path, final: Path) -> None:
+    """Keep ``final`` (just written) and the ``KEEP - 1`` newest checkpoints before it; checkpoints of later steps
+    belong to no live history (a run resumes from its newest), so they go too."""
+    older = sorted(p for p in run_dir.glob("checkpoint-*") if p.name < final.name)
+    later = [p for p in run_dir.glob("checkpoint-*") if p.name > final.name]
+    for old in older[: max(0, len(older) - (KEEP - 1))] + later:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict, rank: int) -> Path:
@@ -62,8 +79,7 @@ def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(run_dir.glob("checkpoint-*"))[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, final)
     dist.barrier()
     return final
 

@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from diffrl.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, out=args.out, resume=args.resume)
+    summary = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change)
     if not summary:  # not the first of several processes: the first one reports
         return 0
     print(f"held-out strict accuracy: base {summary['base_accuracy']:.3f} -> final {summary['final_accuracy']:.3f} "
@@ -72,8 +73,8 @@ def _guide(args: argparse.Namespace) -> int:
         print("diffrl: RL guidance needs a fine-tuned model and a reference: give --lora (the reference is the model "
               "without it) or --reference-model", file=sys.stderr)
         return 2
-    if args.steps < 1 or args.rl_only_steps < 0:
-        print("diffrl: --steps must be >= 1 and --rl-only-steps >= 0", file=sys.stderr)
+    if args.rl_only_steps < 0:
+        print("diffrl: --rl-only-steps must be >= 0", file=sys.stderr)
         return 2
     if args.lora:  # before the reward models load; load_for_inference checks it again for sample and eval
         check_lora_path(args.lora)
@@ -113,7 +114,12 @@ def _serve_reward(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, RuntimeError, ImportError) as e:
         print(f"diffrl: cannot load reward {args.reward!r}: {e}", file=sys.stderr)
         return 2
-    server = make_server(reward, args.reward, args.host, args.port)
+    try:
+        server = make_server(reward, args.reward, args.host, args.port)
+    except (OSError, OverflowError) as e:
+        print(f"diffrl: cannot listen on {args.host}:{args.port} ({e}); choose another --port (0: any free one)",
+              file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     print(f"serving reward {args.reward} on http://{host}:{port} (POST /score, GET /health); Ctrl-C stops",
           flush=True)
@@ -157,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 train.steps=10")
     tr.add_argument("--out", help="run directory (default: log.out of the config)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: continue with a config that differs from the run's (the changes are logged)")
+    tr.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start a new one")
     tr.set_defaults(func=_train)
     sp = sub.add_parser("sample", help="images from a base model plus an optional LoRA (deterministic sampler)")
     _inference_args(sp)
@@ -195,9 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CODES = {0: "finished", 1: "a bug in diffrl or a reward (a traceback; please report it)",
+              2: "bad input or environment, in one sentence: config, paths, prompts, rewards that fail or hang on "
+                 "every sample, a run directory in use, a checkpoint that cannot be written",
+              3: "a run stopped because a value went non-finite (summary.json says where; nothing exported)",
+              130: "interrupted (Ctrl-C); a run resumes from its last checkpoint with --resume"}
+"""What ``diffrl``'s exit status means."""
+COUNTS = ("iterations", "num", "n", "steps", "num_frames", "resolution")
+"""Integer arguments that must be >= 1 wherever a command has them."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: bad input (config, prompts, model path, rewards) ends in one sentence on stderr, exit code 2."""
+    """Entry point: bad input (config, prompts, model path, rewards) ends in one sentence on stderr, exit code 2;
+    ``EXIT_CODES`` lists every status."""
+    from diffrl.adapters.base import ModelLoadError
+    from diffrl.checkpoint import CheckpointError
     from diffrl.config import ConfigError
+    from diffrl.guard import NonFiniteError
     from diffrl.prompts import PromptError
     from diffrl.scoring import RewardError
 
@@ -209,20 +232,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if os.getcwd() not in sys.path:  # "my_module:reward" paths resolve from the current directory, as with python -m
         sys.path.insert(0, os.getcwd())
-    if getattr(args, "iterations", 1) < 1:
-        print("diffrl: --iterations must be >= 1", file=sys.stderr)
+    bad = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}" for name in COUNTS
+           if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1]
+    if bad:
+        print(f"diffrl: {'; '.join(bad)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, PromptError, RewardError, FileNotFoundError) as e:
+    except (ConfigError, PromptError, RewardError, FileNotFoundError, ModelLoadError, CheckpointError) as e:
         print(f"diffrl: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "ModelLoadError":
-            raise
+    except NonFiniteError as e:
         print(f"diffrl: {e}", file=sys.stderr)
-        return 2
+        return 3
+    except KeyboardInterrupt:
+        print("diffrl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +31,10 @@ class ModelConfig:
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16 (log-prob math is fp32 whatever this is)."""
     resolution: Optional[int] = None
-    """Image side in pixels (square); None: the model's default (SD3: the transformer's sample size)."""
+    """Image side in pixels (square); None: the model's default (SD3: the transformer's sample size).
+    Range: [8, 16384]."""
     num_frames: Optional[int] = None
-    """Video families: frames per clip (Wan: 4k + 1); None: the family's default."""
+    """Video families: frames per clip (Wan: 4k + 1); None: the family's default. Range: [1, 10000]."""
     attention: str = "sdpa"
     """Attention backend: sdpa (default) or xformers (CUDA only, ``diffrl[gpu]``)."""
     fsdp: bool = False
@@ -48,61 +51,72 @@ class ModelConfig:
     """Recompute denoiser activations in the backward pass (large models; same gradients, less memory)."""
     lora_rank: int = 8
     """LoRA rank; 0: full fine-tuning of the denoisers (the reference is a frozen copy: twice their memory; the run
-    exports ``transformer/`` with ``save_pretrained`` instead of ``lora/``)."""
+    exports ``transformer/`` with ``save_pretrained`` instead of ``lora/``). Range: [0, 4096]."""
     lora_alpha: float = 8.0
+    """LoRA scale alpha (the update is scaled by alpha / rank). Range: (0, inf)."""
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
 class SamplerConfig:
     num_steps: int = 10
-    """Denoising steps of training rollouts."""
+    """Denoising steps of training rollouts. Range: [1, 1000]."""
     kind: str = "flow"
     """SDE kind: flow, dance or cps (see diffrl.sde)."""
     noise_level: float = 0.7
+    """SDE noise: Flow-GRPO's ``a`` / DanceGRPO's ``eta``; 0 is the ODE (nft only: ppo needs noise). Range: [0, 1]."""
     guidance_scale: float = 4.5
-    """Classifier-free guidance during rollouts and training (1 disables it and halves the cost)."""
+    """Classifier-free guidance during rollouts and training (1 disables it and halves the cost). Range: [0, 100]."""
     split_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
     """Tree split steps (empty list: flat GRPO)."""
     branch_factor: int = 2
+    """Children per tree split. Range: [2, 64]."""
     split_noise_scale: float = 1.0
+    """Noise std multiplier at split steps (BranchGRPO). Range: (0, inf)."""
     sde_window: Optional[list[int]] = None
     """[start, size]: SDE (and trained) steps; ODE elsewhere. None: every step is SDE."""
     timestep_fraction: float = 1.0
-    """Fraction of the SDE steps trained each iteration (DanceGRPO)."""
+    """Fraction of the SDE steps trained each iteration (DanceGRPO). Range: (0, 1]."""
     eval_steps: int = 20
-    """Steps of the deterministic evaluation sampler."""
+    """Steps of the deterministic evaluation sampler. Range: [1, 1000]."""
 
 
 @dataclass
 class TrainConfig:
     steps: int = 40
+    """RL steps (each: rollouts, rewards, advantages, update). Range: [1, 10000000]."""
     prompts_per_step: int = 8
+    """Prompts per RL step (over all processes). Range: [1, 1000000]."""
     trees_per_prompt: int = 1
-    """Trees per prompt; with no splits, this is the GRPO group size."""
+    """Trees per prompt; with no splits, this is the GRPO group size. Range: [1, 1000000]."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW). Range: (0, inf)."""
     lr_schedule: str = "constant"
     """constant, cosine or linear: the learning rate at step k is ``diffrl.update.lr_at`` (a function of the step
     alone, so a resumed run follows the same schedule); cosine and linear decay to 0 at ``train.steps``."""
     warmup_steps: int = 0
-    """Linear warm-up from lr / (warmup_steps + 1) over the first steps, then the schedule."""
+    """Linear warm-up from lr / (warmup_steps + 1) over the first steps, then the schedule. Range: [0, inf)."""
     objective: str = "ppo"
     """ppo: clipped-ratio updates of the SDE transitions (Flow-GRPO, BranchGRPO); nft: DiffusionNFT's forward-process
     objective on the leaves' clean latents (papers.md part 1 (i)), noised at ``sampler.timestep_fraction`` of the
     rollout's noise levels."""
     nft_beta: float = 1.0
-    """DiffusionNFT's beta: how far the implicit positive/negative policies sit from the sampling policy."""
+    """DiffusionNFT's beta: how far the implicit positive/negative policies sit from the sampling policy.
+    Range: (0, inf)."""
     clip_range: float = 0.2
-    """Per-element-normalised PPO epsilon (diffrl.loss.effective_clip_range)."""
+    """Per-element-normalised PPO epsilon (diffrl.loss.effective_clip_range). Range: (0, inf)."""
     kl_weight: float = 0.01
+    """Weight of the KL to the reference (LoRA off); 0 skips the reference pass. Range: [0, inf)."""
     adv_clip: float = 5.0
+    """Advantages are clipped to [-adv_clip, adv_clip] (DiffusionNFT's A_max). Range: (0, inf)."""
     advantage: str = "tree"
     """tree (depth-wise), grpo or rloo (the last two on leaves)."""
     rollout_chunks: int = 1
     """Roll a step's trees out in this many chunks; each chunk's rewards run in a background thread while the next
-    chunk rolls out (1: one batched rollout, nothing overlaps)."""
+    chunk rolls out (1: one batched rollout, nothing overlaps). Range: [1, 100000]."""
     reward_timeout_s: float = 600.0
-    """A reward still running after this many seconds on a batch fails that batch's samples (left out, warned)."""
+    """A reward still running after this many seconds on a batch fails that batch's samples (left out, warned).
+    Range: (0, inf)."""
     reward_aggregation: str = "sum"
     """sum (weighted rewards, then advantages) or gdpo (per-reward advantages, then weighted sum)."""
     reward_routing: dict[str, list[str]] = field(default_factory=dict)
@@ -110,16 +124,20 @@ class TrainConfig:
     ``{aesthetic: [video], av_sync: [video, audio]}``; each stream's log-prob gets the weighted sum of its rewards'
     group z-scores. Empty: one advantage for the whole latent."""
     minibatch: int = 64
-    """Transitions per backward pass; gradients accumulate over the step's minibatches."""
+    """Transitions per backward pass; gradients accumulate over the step's minibatches. Range: [1, 1000000]."""
     tokens_per_batch: Optional[int] = None
     """Sequence-length-aware batching (video): at most this many transformer tokens per forward (CFG's two passes
-    counted), so the minibatch shrinks with resolution and frames; None: ``train.minibatch`` samples per forward."""
+    counted), so the minibatch shrinks with resolution and frames; None: ``train.minibatch`` samples per forward.
+    Range: [1, inf)."""
     inner_epochs: int = 1
+    """Passes over a step's rollouts. Range: [1, 1000]."""
     updates_per_epoch: int = 1
-    """Optimizer steps per inner epoch: the step's trees are split into this many groups, one step each."""
+    """Optimizer steps per inner epoch: the step's trees are split into this many groups, one step each.
+    Range: [1, 1000000]."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this total norm before each optimizer step. Range: (0, inf)."""
     ema_decay: float = 0.0
-    """EMA of the LoRA weights used for evaluation and export (0 disables it)."""
+    """EMA of the LoRA weights used for evaluation and export (0 disables it). Range: [0, 1)."""
     seed: int = 0
 
 
@@ -129,9 +147,11 @@ class ExploreConfig:
 
     enabled: bool = False
     candidates: int = 4
-    """Trees (flat: chains) previewed per prompt; replaces ``train.trees_per_prompt`` while exploring."""
+    """Trees (flat: chains) previewed per prompt; replaces ``train.trees_per_prompt`` while exploring.
+    Range: [1, 1000]."""
     keep: int = 2
-    """Leaves per prompt regenerated in full precision and trained on (K of candidates x leaves per tree)."""
+    """Leaves per prompt regenerated in full precision and trained on (K of candidates x leaves per tree).
+    Range: [1, 1000000]."""
     precision: str = "fp8"
     """Exploration copy's grid: fp8 (e4m3, per-row scales), fp8_tensor (one scale per tensor), nvfp4 or mxfp4."""
     backend: str = "auto"
@@ -141,7 +161,7 @@ class ExploreConfig:
     ``naive``); ode: Sol-RL's deterministic Euler drafts from each candidate's initial noise (flat schedules only;
     they predict the regenerated reward only where the SDE noise decides little, e.g. a late ``sde_window``)."""
     preview_steps: Optional[int] = None
-    """Steps of the ODE preview; None: ``sampler.num_steps``."""
+    """Steps of the ODE preview; None: ``sampler.num_steps``. Range: [1, 1000]."""
     select: str = "best_worst"
     """best_worst, mean_deviation, max_variance (D^3S) or random (the control)."""
     skip_modules: list[str] = field(default_factory=lambda: ["embed", "norm", "proj_out"])
@@ -149,7 +169,7 @@ class ExploreConfig:
     modulations and the output projection (little compute, most of the error); the blocks' attention and MLP layers,
     where the FLOPs are, go low-precision."""
     min_dim: int = 0
-    """Linear layers with max(d_in, d_out) <= this stay in the model's precision."""
+    """Linear layers with max(d_in, d_out) <= this stay in the model's precision. Range: [0, inf)."""
     naive: bool = False
     """Train on the low-precision samples themselves, no regeneration (the degraded baseline, for comparison)."""
 
@@ -161,10 +181,11 @@ class DataConfig:
     eval_prompts: str = "shapes:count,relation"
     """Held-out prompts: "shapes:<kinds>" or a file."""
     eval_size: int = 64
-    """Distinct held-out prompts (they are kept out of the training prompts)."""
+    """Distinct held-out prompts (they are kept out of the training prompts). Range: [1, 100000]."""
     eval_seeds: int = 1
     """Samples per held-out prompt, each from its own seed: the accuracy is over ``eval_size * eval_seeds`` samples
-    (the shapes grammar has only 54 distinct count prompts, so more prompts would leave none to train on)."""
+    (the shapes grammar has only 54 distinct count prompts, so more prompts would leave none to train on).
+    Range: [1, 1000]."""
     exclude_eval: bool = True
     """Keep the evaluation prompts out of training. false: train on them too, e.g. to check that RL fits the one
     prompt it trains on (``data.prompts`` and ``data.eval_prompts`` the same one-line file)."""
@@ -174,8 +195,11 @@ class DataConfig:
 class LogConfig:
     out: str = "runs/tiny_shapes"
     sample_every: int = 10
+    """Steps between sample grids (0: none). Range: [0, inf)."""
     eval_every: int = 20
+    """Steps between held-out evaluations (0: only at the start and the end). Range: [0, inf)."""
     checkpoint_every: int = 5
+    """Steps between checkpoints (the last step always saves one). Range: [1, inf)."""
     tensorboard: bool = True
     save_advantages: bool = False
     """Write every step's node advantages (all trees) to the run directory, for checking and debugging."""
@@ -203,6 +227,68 @@ CHOICES = {
     "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
     "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
 }
+
+
+RANGES: dict[str, str] = {
+    "model.lora_rank": "[0, 4096]", "model.lora_alpha": "(0, inf)", "model.resolution": "[8, 16384]",
+    "model.num_frames": "[1, 10000]",
+    "sampler.num_steps": "[1, 1000]", "sampler.noise_level": "[0, 1]", "sampler.guidance_scale": "[0, 100]",
+    "sampler.branch_factor": "[2, 64]", "sampler.split_noise_scale": "(0, inf)", "sampler.timestep_fraction": "(0, 1]",
+    "sampler.eval_steps": "[1, 1000]",
+    "train.steps": "[1, 10000000]", "train.prompts_per_step": "[1, 1000000]", "train.trees_per_prompt": "[1, 1000000]",
+    "train.lr": "(0, inf)", "train.warmup_steps": "[0, inf)", "train.nft_beta": "(0, inf)",
+    "train.clip_range": "(0, inf)",
+    "train.kl_weight": "[0, inf)", "train.adv_clip": "(0, inf)", "train.rollout_chunks": "[1, 100000]",
+    "train.reward_timeout_s": "(0, inf)", "train.minibatch": "[1, 1000000]", "train.tokens_per_batch": "[1, inf)",
+    "train.inner_epochs": "[1, 1000]", "train.updates_per_epoch": "[1, 1000000]", "train.max_grad_norm": "(0, inf)",
+    "train.ema_decay": "[0, 1)",
+    "explore.candidates": "[1, 1000]", "explore.keep": "[1, 1000000]", "explore.preview_steps": "[1, 1000]",
+    "explore.min_dim": "[0, inf)",
+    "data.eval_size": "[1, 100000]", "data.eval_seeds": "[1, 1000]",
+    "log.sample_every": "[0, inf)", "log.eval_every": "[0, inf)", "log.checkpoint_every": "[1, inf)",
+}
+"""Every numeric key's allowed values as an interval (``[`` / ``]`` include the bound, ``(`` / ``)`` exclude it);
+values must also be finite. Each field's docstring states its range (a test keeps the two equal)."""
+MAX_LEAVES_PER_STEP = 1_000_000
+"""Rollouts per step beyond any real run: refused before a model loads (a typo such as 1e20 prompts would hang)."""
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config is a few KB; a bigger file is refused before YAML parses it (a 120 MB file parses for minutes)."""
+
+
+def _in_range(value: float, spec: str) -> bool:
+    """Whether finite ``value`` lies in the interval ``spec`` (e.g. ``"(0, 1]"``)."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def _range_errors(cfg: Config, where: str) -> list[str]:
+    """A sentence for every numeric key (``RANGES``) that is not finite or lies outside its interval."""
+    errors = []
+    for key, spec in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not (math.isfinite(value) and _in_range(value, spec)):
+            errors.append(f"{where}: '{key}' must be a finite number in {spec}, got {value}")
+    return errors
+
+
+def _name_errors(cfg: Config, where: str) -> list[str]:
+    """Unknown model families and reward names (built-in or installed plug-ins; ``pkg.module:attr`` paths are
+    imported later)."""
+    from diffrl.adapters import ADAPTERS
+    from rewards import REGISTRY, plugins
+
+    errors, known = [], [*REGISTRY, *plugins()]
+    if ":" not in cfg.model.family and cfg.model.family not in ADAPTERS:
+        close = difflib.get_close_matches(cfg.model.family, list(ADAPTERS), n=1)
+        errors.append(f"{where}: unknown 'model.family' {cfg.model.family!r}; choose one of {sorted(ADAPTERS)} or "
+                      "'pkg.module:Class'" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for name in cfg.rewards:
+        if ":" not in name and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            errors.append(f"{where}: unknown reward 'rewards.{name}'; choose one of {sorted(known)} or "
+                          "'pkg.module:function'" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return errors
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -264,7 +350,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it "
+                          "if it is a string") from None
 
 
 def _nest(keys: list[str], value: Any) -> dict:
@@ -285,8 +375,6 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'sampler.split_steps' {bad_splits} lie past the last step {s.num_steps - 1}")
     if s.split_steps != sorted(set(s.split_steps)):
         errors.append(f"{where}: 'sampler.split_steps' must be strictly increasing, got {s.split_steps}")
-    if s.branch_factor < 2:
-        errors.append(f"{where}: 'sampler.branch_factor' must be >= 2, got {s.branch_factor}")
     if s.sde_window is not None:
         if len(s.sde_window) != 2 or s.sde_window[0] < 0 or s.sde_window[1] < 1 or sum(s.sde_window) > s.num_steps:
             errors.append(f"{where}: 'sampler.sde_window' must be [start, size] inside {s.num_steps} steps, "
@@ -298,38 +386,28 @@ def validate(cfg: Config, where: str) -> list[str]:
     if group < 2:
         errors.append(f"{where}: a group size of {group} (train.trees_per_prompt x leaves per tree) has no "
                       "variance to learn from; use at least 2 leaves per prompt")
-    positive = {"sampler.num_steps": s.num_steps, "train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
-                "train.minibatch": t.minibatch, "train.inner_epochs": t.inner_epochs,
-                "train.updates_per_epoch": t.updates_per_epoch, "train.lr": t.lr,
-                "train.clip_range": t.clip_range, "train.nft_beta": t.nft_beta, "sampler.eval_steps": s.eval_steps,
-                "train.reward_timeout_s": t.reward_timeout_s, "train.rollout_chunks": t.rollout_chunks,
-                "log.checkpoint_every": cfg.log.checkpoint_every, "data.eval_size": cfg.data.eval_size,
-                "data.eval_seeds": cfg.data.eval_seeds}
-    errors += [f"{where}: '{k}' must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    errors += _range_errors(cfg, where)
+    if t.warmup_steps >= t.steps:
+        errors.append(f"{where}: 'train.warmup_steps' must be less than 'train.steps' ({t.steps}), "
+                      f"got {t.warmup_steps}")
     if cfg.model.fsdp and cfg.explore.enabled:
         errors.append(f"{where}: 'model.fsdp' and 'explore' do not combine yet (the low-precision copy of the policy "
                       "would be a whole unsharded model per process)")
     if cfg.model.fsdp_cpu_offload and not cfg.model.fsdp:
         errors.append(f"{where}: 'model.fsdp_cpu_offload' offloads FSDP shards: it needs 'model.fsdp' true")
-    if cfg.model.lora_rank < 0:
-        errors.append(f"{where}: 'model.lora_rank' must be >= 0 (0: full fine-tuning), got {cfg.model.lora_rank}")
-    if t.tokens_per_batch is not None and t.tokens_per_batch <= 0:
-        errors.append(f"{where}: 'train.tokens_per_batch' must be > 0 tokens, got {t.tokens_per_batch}")
-    if cfg.model.num_frames is not None and cfg.model.num_frames <= 0:
-        errors.append(f"{where}: 'model.num_frames' must be > 0, got {cfg.model.num_frames}")
-    if cfg.model.resolution is not None and cfg.model.resolution <= 0:
-        errors.append(f"{where}: 'model.resolution' must be > 0 pixels, got {cfg.model.resolution}")
-    if t.objective == "nft" and t.adv_clip <= 0:
-        errors.append(f"{where}: 'train.adv_clip' is DiffusionNFT's A_max and must be > 0, got {t.adv_clip}")
+    if t.objective == "ppo" and s.noise_level == 0:
+        errors.append(f"{where}: 'sampler.noise_level' 0 makes the rollouts deterministic: the clipped-ratio objective "
+                      "('train.objective' ppo) needs SDE noise to have log-probabilities (use nft for ODE rollouts)")
+    if cfg.model.lora_rank > 0 and not cfg.model.lora_targets:
+        errors.append(f"{where}: 'model.lora_targets' is empty: name the layers the LoRA adapts (e.g. [to_q, to_v])")
+    trees = cfg.explore.candidates if cfg.explore.enabled else t.trees_per_prompt
+    leaves_per_step = t.prompts_per_step * trees * leaves
+    if leaves_per_step > MAX_LEAVES_PER_STEP:
+        errors.append(f"{where}: a step of {leaves_per_step} rollouts ('train.prompts_per_step' x trees per prompt x "
+                      f"leaves per tree) is more than {MAX_LEAVES_PER_STEP}: far beyond any run; check the sizes")
     if t.objective == "nft" and t.advantage == "tree":
         errors.append(f"{where}: 'train.objective' nft trains on leaves: 'train.advantage' must be grpo or rloo, "
                       "not tree (per-edge)")
-    if not 0 < s.timestep_fraction <= 1:
-        errors.append(f"{where}: 'sampler.timestep_fraction' must be in (0, 1], got {s.timestep_fraction}")
-    if not 0 <= t.warmup_steps < t.steps:
-        errors.append(f"{where}: 'train.warmup_steps' must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
-    if not 0 <= t.ema_decay < 1:
-        errors.append(f"{where}: 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     if t.reward_routing:
         unrouted = sorted(set(cfg.rewards) - set(t.reward_routing))
         if unrouted:
@@ -343,6 +421,9 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors += _explore_errors(cfg, leaves, where)
     if not cfg.rewards:
         errors.append(f"{where}: 'rewards' is empty; name at least one reward")
+    errors += [f"{where}: 'rewards.{k}' weight must be a finite number, got {w}" for k, w in cfg.rewards.items()
+               if not math.isfinite(w)]
+    errors += _name_errors(cfg, where)
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                for k in cfg.reward_options if k not in cfg.rewards]
     return errors
@@ -350,9 +431,7 @@ def validate(cfg: Config, where: str) -> list[str]:
 
 def _explore_errors(cfg: Config, leaves: int, where: str) -> list[str]:
     e, s, t, errors = cfg.explore, cfg.sampler, cfg.train, []
-    if e.candidates < 1:
-        errors.append(f"{where}: 'explore.candidates' must be >= 1, got {e.candidates}")
-    elif not e.keep <= e.candidates * leaves:
+    if not e.keep <= e.candidates * leaves:
         errors.append(f"{where}: 'explore.keep' ({e.keep}) must be at most 'explore.candidates' x leaves per tree "
                       f"({e.candidates} x {leaves})")
     if e.preview == "ode" and s.split_steps:
@@ -360,8 +439,8 @@ def _explore_errors(cfg: Config, leaves: int, where: str) -> list[str]:
                       "needs 'explore.preview' rollout")
     if e.naive and e.preview != "rollout":
         errors.append(f"{where}: 'explore.naive' trains on the preview itself, which needs 'explore.preview' rollout")
-    if e.preview_steps is not None and (e.preview != "ode" or e.preview_steps < 1):
-        errors.append(f"{where}: 'explore.preview_steps' must be >= 1 and only applies to 'explore.preview' ode")
+    if e.preview_steps is not None and e.preview != "ode":
+        errors.append(f"{where}: 'explore.preview_steps' only applies to 'explore.preview' ode")
     if t.trees_per_prompt != 1:
         errors.append(f"{where}: with 'explore.enabled', 'explore.candidates' sets the trees per prompt: leave "
                       "'train.trees_per_prompt' at 1")
@@ -378,8 +457,13 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {p.stat().st_size} bytes: a config is a few KB (at most "
+                              f"{MAX_CONFIG_BYTES}); is this the right file?")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -63,6 +63,12 @@ def resolve_device(device: str, local_rank: int, world: int, gpus: int) -> torch
     return torch.device("cuda", i)
 
 
+def first_process(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this is the first process of the run (global ``RANK`` 0, or no launcher), known before the process
+    group exists: it alone owns the run directory's lock."""
+    return int((os.environ if env is None else env).get("RANK", "0")) == 0
+
+
 def setup(device: str, env: Optional[Mapping[str, str]] = None) -> Placement:
     """Place this process (``resolve_device`` with ``LOCAL_RANK``), make its GPU the current one, and join the
     process group when several processes were launched (NCCL for GPUs, gloo for CPUs)."""

@@ -38,7 +38,7 @@ def shard_module(module: nn.Module, cpu_offload: bool = False, pin_memory: bool 
     fully_shard(module, offload_policy=policy)
 
 
-def _local(p: Tensor) -> Tensor:
+def local_part(p: Tensor) -> Tensor:
     """This process's part of a (possibly) sharded tensor: a DTensor's local shard, a plain tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
 
@@ -117,7 +117,7 @@ def materialize(module: nn.Module, device: torch.device, weights: SafetensorsWei
             if name in buffers:
                 buf.copy_(buffers[name])
         for name, p in module.named_parameters():
-            local = _local(p)
+            local = local_part(p)
             start, stop = local_rows(p.shape[0], rank, world) if p.dim() else (0, 0)
             if name in lora:
                 local.copy_(lora[name][start:stop])
@@ -149,14 +149,14 @@ def lora_init(module: nn.Module, lora_rank: int) -> dict[str, Tensor]:
 
 def trained_local(params: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
     """This process's shard of each trained parameter (copies, keyed by parameter name): no communication."""
-    return {name: _local(p).detach().clone() for name, p in params}
+    return {name: local_part(p).detach().clone() for name, p in params}
 
 
 def load_local(params: Iterable[tuple[str, nn.Parameter]], state: dict[str, Tensor]) -> None:
     """Copy ``trained_local`` shards back into the parameters."""
     with torch.no_grad():
         for name, p in params:
-            _local(p).copy_(state[name])
+            local_part(p).copy_(state[name])
 
 
 def full_tensors(params: Iterable[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, Tensor]]:

@@ -19,7 +19,11 @@ def read_prompt_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise PromptError(f"prompt file {path} does not exist")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise PromptError(f"prompt file {path} is empty")
     if p.suffix != ".jsonl":

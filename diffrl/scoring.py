@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -39,7 +40,21 @@ def _call(name: str, fn: Callable, media: Sequence, prompts: Sequence[str]) -> T
         return torch.cat([_call(name, fn, media[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts))])
 
 
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="diffrl-reward")
+def submit(fn: Callable, *args) -> Future:
+    """Run ``fn(*args)`` in a new daemon thread; its result or exception arrives in the returned future. A daemon
+    thread never keeps the process alive: a reward that hangs past its timeout cannot stop a run from exiting
+    (a ``ThreadPoolExecutor``'s workers are joined at exit)."""
+    future: Future = Future()
+
+    def work() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)
+
+    threading.Thread(target=work, daemon=True, name="diffrl-reward").start()
+    return future
 
 
 def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str],
@@ -54,7 +69,7 @@ def score_batch(rewards: Mapping[str, Callable], media: Sequence, prompts: Seque
 def score_samples(rewards: Mapping[str, Callable], media: Sequence, prompts: Sequence[str],
                   timeout: Optional[float] = None) -> tuple[dict[str, Tensor], Tensor]:
     """``score_batch`` without the all-invalid check (for a part of a batch)."""
-    futures = {name: _POOL.submit(_call, name, fn, media, prompts) for name, fn in rewards.items()}
+    futures = {name: submit(_call, name, fn, media, prompts) for name, fn in rewards.items()}
     deadline = None if timeout is None else time.monotonic() + timeout
     scores, valid = {}, torch.ones(len(prompts), dtype=torch.bool)
     for name, future in futures.items():
@@ -76,5 +91,6 @@ def score_samples(rewards: Mapping[str, Callable], media: Sequence, prompts: Seq
 def check_valid(valid: Tensor, rewards: Mapping[str, Callable]) -> Tensor:
     """``valid`` unchanged, or ``RewardError`` when every sample failed."""
     if not valid.any():
-        raise RewardError(f"every sample of the batch failed a reward ({', '.join(rewards)}); see the warnings above")
+        raise RewardError(f"every sample of the batch failed a reward ({', '.join(rewards)}): it raised, returned a "
+                          "non-finite score or ran past 'train.reward_timeout_s'; see the warnings above")
     return valid

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -22,21 +21,22 @@ from torch import Tensor
 from tqdm import tqdm
 
 import rewards as reward_registry
-from diffrl import checkpoint
+from diffrl import checkpoint, rundir
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import (
     clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages,
 )
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import gather_rows, mean_over_processes, setup, shutdown
+from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
+from diffrl.guard import NonFiniteError, check_finite
 from diffrl.inference import EVAL_SEED, sample, shapes_accuracy
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import subsample_steps, window_mask
-from diffrl.scoring import check_valid, score_batch, score_samples
+from diffrl.scoring import check_valid, score_batch, score_samples, submit
 from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import TreeSchedule, mix_seed
@@ -45,7 +45,6 @@ from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
-_SCORING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffrl-chunk-scoring")
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -55,17 +54,26 @@ def build(cfg: Config, out: Path) -> Run:
     if cfg.train.prompts_per_step % world:
         raise ConfigError(f"'train.prompts_per_step' ({cfg.train.prompts_per_step}) must be divisible by the "
                           f"number of processes ({world})")
-    out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         log.info("process %d of %d processes (local rank %d, %s)", rank, world, place.local_rank, place.device)
-    adapter_cls = load_adapter_class(cfg.model.family)
+    rewards = load_rewards(cfg)  # before the model: a bad reward fails in seconds, not after a long load
     sharded = cfg.model.fsdp and world > 1
-    with meta_denoisers() if sharded else contextlib.nullcontext():  # sharded: no process loads a whole denoiser
-        adapter = adapter_cls.from_pretrained(cfg.model.path, device=str(place.device), dtype=cfg.model.dtype,
-                                              attention=cfg.model.attention,
-                                              **shape_options(cfg.model.resolution, cfg.model.num_frames))
+    try:
+        adapter_cls = load_adapter_class(cfg.model.family)
+        with meta_denoisers() if sharded else contextlib.nullcontext():  # sharded: no process loads a whole denoiser
+            adapter = adapter_cls.from_pretrained(cfg.model.path, device=str(place.device), dtype=cfg.model.dtype,
+                                                  attention=cfg.model.attention,
+                                                  **shape_options(cfg.model.resolution, cfg.model.num_frames))
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ConfigError(f"'model' ({cfg.model.family} from {cfg.model.path}): {str(e).splitlines()[0]}") from None
+    if not sharded:
+        weights = (p for m in adapter.denoisers.values() for p in m.parameters())
+        check_finite(f"the weights of {cfg.model.path}", weights)
     torch.manual_seed(cfg.train.seed)
-    adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    try:
+        adapter.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_targets)
+    except ValueError as e:
+        raise ConfigError(f"'model.lora_targets' {cfg.model.lora_targets}: {str(e).splitlines()[0]}") from None
     if cfg.model.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
     if cfg.model.offload:
@@ -82,7 +90,6 @@ def build(cfg: Config, out: Path) -> Run:
     if unknown:
         raise ConfigError(f"'train.reward_routing' routes rewards to {unknown}, but the {cfg.model.family} model's "
                           f"latent streams are {sorted(adapter.streams or {}) or 'one single stream'}")
-    rewards = {name: reward_registry.load(name, **cfg.reward_options.get(name, {})) for name in cfg.rewards}
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
     e = cfg.explore
     explorer = LowPrecisionPolicy(adapter, e.precision, e.backend, e.skip_modules, e.min_dim) if e.enabled else None
@@ -95,6 +102,17 @@ def build(cfg: Config, out: Path) -> Run:
                eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
                explorer=explorer)
+
+
+def load_rewards(cfg: Config) -> dict[str, Callable]:
+    """The configured rewards, each loaded with its options; a reward that cannot load is one ``ConfigError``."""
+    rewards = {}
+    for name in cfg.rewards:
+        try:
+            rewards[name] = reward_registry.load(name, **cfg.reward_options.get(name, {}))
+        except (ValueError, TypeError, ImportError, OSError) as e:
+            raise ConfigError(f"reward {name!r} cannot load: {str(e).splitlines()[0]}") from None
+    return rewards
 
 
 def batch_size(cfg: Config, tokens_per_sample: int) -> int:
@@ -143,8 +161,8 @@ def collect(run: Run, step: int) -> Batch:
             parts.append(ro)
             images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
         if cfg.train.rollout_chunks > 1:
-            pending.append(_SCORING.submit(score_samples, run.rewards, images[-1],
-                                           [p for p in chunk for _ in range(leaves)], cfg.train.reward_timeout_s))
+            pending.append(submit(score_samples, run.rewards, images[-1], [p for p in chunk for _ in range(leaves)],
+                                  cfg.train.reward_timeout_s))
     return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first,
                  rollout=parts[0] if len(parts) == 1 else concat_rollouts(parts), images=cat_media(images),
                  rollout_s=time.perf_counter() - t0, pending_scores=pending)
@@ -399,7 +417,7 @@ def restore(run: Run) -> TrainState:
         tensors, opt_state, saved = checkpoint.load(path)
         run.adapter.load_trained_state_dict(tensors["lora"])
         run.optimizer.load_state_dict(opt_state)
-        ema = tensors.get("ema")
+        ema = tensors.get("ema") if run.cfg.train.ema_decay > 0 else None  # EMA turned off on resume: none exported
     state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
                        base_accuracy=saved["base_accuracy"], ema=ema)
     if run.rank == 0:
@@ -409,16 +427,43 @@ def restore(run: Run) -> TrainState:
 
 
 def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
-          on_step: Optional[Callable[[TrainState], None]] = None) -> dict:
+          on_step: Optional[Callable[[TrainState], None]] = None, overwrite: bool = False,
+          allow_config_change: bool = False) -> dict:
     """Run RL fine-tuning from a validated config; returns the summary (also written to summary.json).
 
-    With several processes every one rolls out and trains its share; the first one alone evaluates, logs and
-    writes checkpoints, so the others return an empty summary.
+    Before anything loads, the run directory is checked (``diffrl.rundir``: no other run in it unless ``resume`` or
+    ``overwrite``; on resume, the saved config matches unless ``allow_config_change``) and locked while the run
+    lives. A non-finite reward, advantage, loss, gradient or weight stops the run (``NonFiniteError``) with
+    ``summary.json`` saying so and nothing exported. With several processes every one rolls out and trains its
+    share; the first one alone evaluates, logs and writes checkpoints, so the others return an empty summary.
     """
     t_start = time.perf_counter()
-    run = build(cfg, Path(out or cfg.log.out))
-    state = begin(run, resume)
-    bar = tqdm(range(state.step, cfg.train.steps), initial=state.step, total=cfg.train.steps, desc="RL",
+    out_dir = Path(out or cfg.log.out)
+    rundir.check_out(out_dir, resume, overwrite)
+    changes = rundir.check_resume_config(out_dir, to_dict(cfg), allow_config_change) if resume else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(out_dir)
+    if first_process():
+        lock.acquire()
+    try:
+        if overwrite and first_process():
+            rundir.remove_run(out_dir)
+        run = build(cfg, out_dir)
+        state = begin(run, resume, changes)
+        try:
+            loop(run, state, on_step)
+        except NonFiniteError as e:
+            raise stop_nonfinite(run, state, e, time.perf_counter() - t_start) from None
+        summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 or run.adapter.sharded else {}
+    finally:
+        lock.release()
+        shutdown()
+    return summary
+
+
+def loop(run: Run, state: TrainState, on_step: Optional[Callable[[TrainState], None]] = None) -> None:
+    """The RL steps from ``state.step`` to ``train.steps``, each followed by its logging, evaluation and checkpoint."""
+    bar = tqdm(range(state.step, run.cfg.train.steps), initial=state.step, total=run.cfg.train.steps, desc="RL",
                disable=run.rank != 0)
     for step in bar:
         metrics = train_step(run, state, step)
@@ -429,15 +474,37 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
         if on_step is not None:
             on_step(state)
-    summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 or run.adapter.sharded else {}
-    shutdown()
-    return summary
 
 
-def begin(run: Run, resume: bool) -> TrainState:
-    """A fresh state (with the base model's held-out accuracy and first sample grid) or the restored one."""
+def stop_nonfinite(run: Run, state: TrainState, error: NonFiniteError, wall_s: float) -> NonFiniteError:
+    """Record in ``summary.json`` that the run stopped at step ``state.step + 1`` on a non-finite value (nothing is
+    exported; the last checkpoint is the run's result) and return the one-sentence error to raise."""
+    last = checkpoint.latest(run.out)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    message = (f"stopped at step {state.step + 1}: {error}; nothing was exported and {where} (lower 'train.lr', "
+               "check the rewards' scale and weights)")
+    if run.rank == 0:
+        summary = {"status": "stopped_nonfinite", "reason": message, "stopped_at_step": state.step + 1,
+                   "last_checkpoint": last.name if last else None, "base_accuracy": state.base_accuracy,
+                   "steps": state.step, "wall_s": round(wall_s, 1), "evals": state.evals}
+        checkpoint.atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
+        if run.writer is not None:
+            run.writer.close()
+    return NonFiniteError(error.quantity, str(error), message)
+
+
+def begin(run: Run, resume: bool, changes: Optional[dict] = None) -> TrainState:
+    """A fresh state (with the base model's held-out accuracy and first sample grid) or the restored one; a resume
+    with allowed config ``changes`` (``{key: (old, new)}``) writes the new config and appends the changes to
+    ``config_changes.jsonl``."""
     if resume:
         state = restore(run)
+        if changes and run.rank == 0:
+            log.warning("resuming with a changed config: %s",
+                        "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            checkpoint.atomic_write_text(run.out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
+            with open(run.out / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.step, "changes": changes}) + "\n")
         if run.explorer is not None:
             run.explorer.refresh()  # the exploration copy was built before the checkpoint's LoRA was loaded
         return state
@@ -475,9 +542,12 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     batch = collect(run, step)
     t0 = time.perf_counter()
     leaf_r, valid, scores = score(run, batch)
+    check_finite("the weighted reward", leaf_r[valid])
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
+    check_finite("the advantages", adv)
     lr = set_lr(run, step)
     stats = mean_over_processes(optimize(run, batch, adv, mask, step), STATS, maxima=("ratio_dev",))
+    check_finite("the loss statistics", stats)
     ema_update(run, state)
     explored = {}
     if run.explorer is not None:  # the copy follows the update; its metrics include what that cost
@@ -523,8 +593,8 @@ def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
         return {}
     training_curves(state.history, state.evals, run.out / "curves.png")
-    summary = {"base_accuracy": state.base_accuracy, "final_accuracy": final, "wall_s": round(wall_s, 1),
-               "steps": state.step, "evals": state.evals}
+    summary = {"status": "finished", "base_accuracy": state.base_accuracy, "final_accuracy": final,
+               "wall_s": round(wall_s, 1), "steps": state.step, "evals": state.evals}
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if run.writer is not None:
         run.writer.close()

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from diffrl.distributed import average_gradients, max_over_processes
+from diffrl.fsdp import local_part
+from diffrl.guard import NonFiniteError, check_finite
 from diffrl.loss import nft_loss, policy_loss
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.state import Batch, Run, Swap, TrainState
@@ -111,12 +113,19 @@ def _most_calls(run: Run, n: int) -> int:
 
 
 def _apply_update(run: Run) -> None:
-    """One optimizer step on the accumulated gradients: averaged over processes, then clipped."""
+    """One optimizer step on the accumulated gradients: averaged over processes, then clipped. A non-finite gradient
+    norm stops the run before the step; non-finite weights after it stop the run too (``diffrl.guard``; every
+    process sees the same norm, and sharded weights are judged over all processes)."""
     params = run.adapter.trainable_parameters()
     if not run.adapter.sharded:  # FSDP averaged the gradients in each backward already
         average_gradients(params)
-    torch.nn.utils.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
+    check_finite("the gradient norm", torch.nn.utils.clip_grad_norm_(params, run.cfg.train.max_grad_norm))
     run.optimizer.step()
+    bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(local_part(p.detach())).all())), -1)
+    if run.adapter.sharded:
+        bad = max_over_processes(bad)
+    if bad >= 0:
+        raise NonFiniteError("the trained weights", f"hold non-finite values after the update (tensor {bad})")
 
 
 def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,

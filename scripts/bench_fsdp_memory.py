@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     imported = rss_mb()
     cfg = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), [f"model.path={args.model}", *args.overrides])
     t0 = time.perf_counter()
-    train(cfg, out=args.workdir)
+    train(cfg, out=args.workdir, overwrite=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = int(os.environ.get("RANK", "0"))
     Path(args.report, f"rank{rank}.json").write_text(json.dumps({"peak_mb": peak, "imported_mb": imported,

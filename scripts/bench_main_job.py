@@ -30,7 +30,7 @@ def main() -> None:
         out = os.path.join(args.root, f"seed{seed}")
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", f"train.seed={seed}",
-                        "log.eval_every=15", *args.overrides, "--out", out], check=True)
+                        "log.eval_every=15", *args.overrides, "--out", out, "--overwrite"], check=True)
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
         rows.append({"seed": seed, "base": s["base_accuracy"], "final": s["final_accuracy"],

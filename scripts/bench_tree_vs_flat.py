@@ -33,7 +33,7 @@ SMOOTH = 5
 
 def run(config: str, overrides: list[str], out: str) -> tuple[list[dict], dict]:
     """One training run: its per-step metrics and its summary.json."""
-    train(load_config(config, overrides), out=out)
+    train(load_config(config, overrides), out=out, overwrite=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     with open(os.path.join(out, "summary.json")) as f:

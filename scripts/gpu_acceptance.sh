@@ -149,7 +149,7 @@ step_train() {  # the main job's config, a few steps
                train.prompts_per_step=2 train.trees_per_prompt=2 data.eval_size=4 data.eval_seeds=1
                log.sample_every=0 log.tensorboard=false)
   fi
-  run_step train train 75 "$PY" -m diffrl train configs/tiny_shapes.yaml "${overrides[@]}" --out "$OUTDIR/work/train"
+  run_step train train 75 "$PY" -m diffrl train configs/tiny_shapes.yaml "${overrides[@]}" --out "$OUTDIR/work/train" --overwrite
 }
 
 step_bench_explore() {  # FP8 exploration: full-size throughput (GPU) and exact regeneration on the embedded model

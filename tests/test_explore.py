@@ -160,7 +160,7 @@ def test_explore_config_errors_name_the_keys():
                  "needs 'explore.preview' rollout", "leave 'train.trees_per_prompt' at 1",
                  "'explore.naive' trains on the preview itself"):
         assert part in msg
-    with pytest.raises(ConfigError, match="'explore.preview_steps' must be >= 1"):
+    with pytest.raises(ConfigError, match=r"'explore.preview_steps' must be a finite number in \[1, 1000\]"):
         cfg_of(*FLAT, "explore.enabled=true", "explore.preview=ode", "explore.preview_steps=0")
 
 

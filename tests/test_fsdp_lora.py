@@ -3,6 +3,7 @@ a run killed with SIGKILL resumes from its sharded checkpoint and ends like an u
 (two torchrun agents meeting on 127.0.0.1) train together."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -103,15 +104,35 @@ def test_a_killed_sharded_run_resumes_and_ends_like_an_uninterrupted_one(tmp_pat
     while not (out / "checkpoint-000002" / "state.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert not (out / "summary.json").exists()
+    assert (out / "run.lock").exists()  # left by the killed first process; the resume sees it is stale
     train(TWO, "tiny_shapes_tree.yaml", out, *args, "--resume")
     whole, resumed = metrics(tmp_path / "whole"), metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for key in ("reward_mean", "kl", "clip_frac"):
         assert [m[key] for m in resumed] == pytest.approx([m[key] for m in whole], rel=1e-6, abs=1e-9), key
     assert relative_difference(lora(tmp_path / "whole"), lora(out)) < 1e-6
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a crash would: torchrun starts each worker in a process
+    group of its own, so killing the launcher's group leaves the workers running (and writing into the run)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def _free_port() -> int:

@@ -22,6 +22,6 @@ def test_unknown_schedule_and_warmup_past_the_run_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(p))
     assert "'train.lr_schedule' must be one of ['constant', 'cosine', 'linear'], got 'cos'" in str(e.value)
-    assert "'train.warmup_steps' must be in [0, train.steps=4), got 4" in str(e.value)
+    assert "'train.warmup_steps' must be less than 'train.steps' (4), got 4" in str(e.value)
     with pytest.raises(ValueError, match="unknown lr schedule"):
         lr_at(0, 1.0, "cos", 4)

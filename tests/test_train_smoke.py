@@ -228,7 +228,9 @@ def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
     time.sleep(0.5)  # now somewhere inside step 3
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (tmp_path / "b" / "run.lock").exists()  # the killed run's lock is left behind; resume sees it is stale
     subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
+    assert not (tmp_path / "b" / "run.lock").exists()
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert len(_metrics(tmp_path / "b")) == 4
     lr = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), args).train.lr
@@ -355,7 +357,7 @@ def test_held_out_evaluation_draws_eval_seeds_samples_per_prompt(tmp_path, monke
     monkeypatch.setattr(trainer, "sample", spy)
     trainer.evaluate(run)
     assert seen == [run.eval_prompts * 3] and len(run.eval_prompts) == 4
-    with pytest.raises(Exception, match="'data.eval_seeds' must be > 0"):
+    with pytest.raises(Exception, match=r"'data.eval_seeds' must be a finite number in \[1, 1000\]"):
         tiny_cfg("data.eval_seeds=0")
 
 

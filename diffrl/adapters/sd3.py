@@ -14,6 +14,16 @@ from diffrl.adapters.base import DiffusersAdapter, ModelLoadError, load_pipeline
 __all__ = ["SD3Adapter", "ModelLoadError"]
 
 
+def check_resolution(resolution: int, vae_scale_factor: int, config) -> None:
+    """A ``ValueError`` in one sentence unless ``resolution`` pixels are a whole number of patches
+    (``vae_scale_factor * patch_size``) within the position embedding (``pos_embed_max_size`` patches, when set)."""
+    step = vae_scale_factor * config.patch_size
+    largest = config.get("pos_embed_max_size") and config.pos_embed_max_size * step
+    if resolution % step or (largest and resolution > largest):
+        raise ValueError(f"'model.resolution' must be a multiple of {step} pixels (VAE factor x patch size)"
+                         + (f" and at most {largest}" if largest else "") + f" for this model, got {resolution}")
+
+
 class SD3Adapter(DiffusersAdapter):
     """Wraps a ``StableDiffusion3Pipeline``. Conditioning is a dict ``{"embeds": [n, L, D], "pooled": [n, P]}``."""
 
@@ -21,6 +31,8 @@ class SD3Adapter(DiffusersAdapter):
                  resolution: Optional[int] = None):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_3.model_max_length)
+        if resolution:
+            check_resolution(resolution, pipe.vae_scale_factor, self.transformer.config)
         self._side = resolution // pipe.vae_scale_factor if resolution else self.transformer.config.sample_size
 
     @classmethod
