@@ -39,14 +39,20 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
         torch.save(optimizer, tmp / "optimizer.pt")
         _write_state(tmp, step, state)
     except Exception as e:  # noqa: BLE001 - disk full, quota, permissions: one sentence, the previous one intact
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write {final.name} in {run_dir} ({str(e).splitlines()[0]}); the previous "
-                              f"checkpoint {getattr(latest(run_dir), 'name', '(none)')} is intact") from None
+        raise _write_error(run_dir, tmp, final, e) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune(run_dir, final)
     return final
+
+
+def _write_error(run_dir: Path, tmp: Path, final: Path, error: Exception) -> CheckpointError:
+    """Remove the half-written ``tmp`` and say in one sentence why ``final`` could not be written."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest(run_dir)
+    return CheckpointError(f"cannot write {final.name} in {run_dir} ({str(error).splitlines()[0]}); the previous "
+                           f"checkpoint {previous.name if previous else '(none)'} is intact")
 
 
 def prune(run_dir: Path, final: Path) -> None:
@@ -72,10 +78,14 @@ def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict,
         for stale in run_dir.glob(".tmp-checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    dcp.save(sharded, checkpoint_id=str(tmp / "sharded"))  # a collective; returns once every process has written
     final = run_dir / f"checkpoint-{step:06d}"
+    try:  # a collective: returns once every process has written, raises on every process if one could not
+        dcp.save(sharded, checkpoint_id=str(tmp / "sharded"))
+        if rank == 0:
+            _write_state(tmp, step, state)
+    except Exception as e:  # noqa: BLE001 - disk full, quota, permissions: one sentence, the previous one intact
+        raise _write_error(run_dir, tmp, final, e) from None
     if rank == 0:
-        _write_state(tmp, step, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

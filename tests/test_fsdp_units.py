@@ -109,3 +109,22 @@ def test_full_export_in_several_files_loads_in_diffusers_and_reloads_shard_by_sh
     for key, value in meta.state_dict().items():
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         assert torch.equal(full, expected[key]), key
+
+
+def test_a_full_disk_during_a_sharded_checkpoint_is_one_sentence(tmp_path, one_process_group, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from diffrl import checkpoint
+
+    checkpoint.save_sharded(tmp_path, 1, {"w": torch.ones(2)}, {}, rank=0)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot write checkpoint-000002 .*No space left.*"
+                                                         r"checkpoint-000001 is intact"):
+        checkpoint.save_sharded(tmp_path, 2, {"w": torch.ones(2)}, {}, rank=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-000001"]
