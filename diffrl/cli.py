@@ -36,8 +36,7 @@ def _sample(args: argparse.Namespace) -> int:
     from diffrl.inference import load_for_inference, sample
     from diffrl.viz import image_grid, stills
 
-    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
-                                 num_frames=args.num_frames)
+    adapter = load_for_inference(args.model, args.lora, **_model_options(args))
     prompts = [p for p in args.prompt for _ in range(args.num)]
     images = stills(sample(adapter, prompts, args.seed, args.steps, args.guidance))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -52,10 +51,20 @@ def _eval(args: argparse.Namespace) -> int:
     from diffrl.inference import eval_accuracy, load_for_inference
     from diffrl.prompts import eval_prompts
 
-    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
-                                 num_frames=args.num_frames)
+    import rewards
+    from diffrl.evaluation import evaluator_for
+
     prompts = eval_prompts(args.prompts, args.n)
-    result = eval_accuracy(adapter, prompts, args.seed, args.steps, args.guidance)
+    try:
+        options = _reward_options(args.reward_option, [args.reward] if args.reward else [])
+        scorers = {args.reward: rewards.load(args.reward, **options.get(args.reward, {}))} if args.reward else {}
+        evaluator = evaluator_for(prompts, scorers, f"reward:{args.reward}" if args.reward else "shapes")
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"diffrl: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    adapter = load_for_inference(args.model, args.lora, **_model_options(args))
+    result = {"evaluator": evaluator.name, **eval_accuracy(adapter, prompts, args.seed, args.steps, args.guidance,
+                                                           evaluator)}
     print(json.dumps(result))
     return 0
 
@@ -79,14 +88,14 @@ def _guide(args: argparse.Namespace) -> int:
     if args.lora:  # before the reward models load; load_for_inference checks it again for sample and eval
         check_lora_path(args.lora)
     try:
-        scorers = {name: rewards.load(name) for name in args.reward}
-    except (ValueError, TypeError, ImportError) as e:
-        print(f"diffrl: --reward: {e}", file=sys.stderr)
+        options = _reward_options(args.reward_option, args.reward)
+        scorers = {name: rewards.load(name, **options.get(name, {})) for name in args.reward}
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"diffrl: --reward: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     prompts = args.prompt or eval_prompts(args.prompts, args.n)
-    adapter = load_for_inference(args.model, args.lora, args.device, family=args.family, resolution=args.resolution,
-                                 num_frames=args.num_frames)
-    reference = load_reference(args.reference_model, args.family, args.device, "float32",
+    adapter = load_for_inference(args.model, args.lora, **_model_options(args))
+    reference = load_reference(args.reference_model, args.family, args.device, args.dtype,
                                **shape_options(args.resolution, args.num_frames))
     result = sweep(adapter, prompts, args.w, scorers, Path(args.out), seed=args.seed, steps=args.steps,
                    guidance=args.guidance, schedule=args.schedule, rl_only_steps=args.rl_only_steps, kind=args.kind,
@@ -94,6 +103,32 @@ def _guide(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/sweep.png (rows: {len(result['prompts'])} prompts, columns: w = "
           f"{', '.join(f'{w:g}' for w in args.w)}), sweep_rewards.png and sweep.json")
     return 0
+
+
+def _reward_options(texts: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """``--reward-option NAME.KEY=VALUE`` (VALUE read as YAML) -> ``{NAME: {KEY: VALUE}}``; ValueError in one
+    sentence for a malformed one or a NAME not given with ``--reward``."""
+    import yaml
+
+    options: dict[str, dict] = {}
+    for text in texts:
+        left, sep, value = text.partition("=")
+        name, dot, key = left.rpartition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"--reward-option {text!r} must look like NAME.KEY=VALUE "
+                             "(e.g. aesthetic.weights=head.pth)")
+        if name not in names:
+            raise ValueError(f"--reward-option {text!r} names {name!r}, which is not a --reward ({list(names)})")
+        options.setdefault(name, {})[key] = yaml.safe_load(value)
+    return options
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    """``load_for_inference``'s keyword arguments from the inference flags."""
+    family_guidance = {k: v for k, v in (("guidance_scale_2", args.guidance_2),
+                                         ("audio_guidance_scale", args.audio_guidance)) if v is not None}
+    return dict(device=args.device, dtype=args.dtype, family=args.family, resolution=args.resolution,
+                num_frames=args.num_frames, family_guidance=family_guidance)
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
@@ -142,8 +177,13 @@ def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-frames", type=int, help="video families: frames per clip (grids show the middle frame)")
     p.add_argument("--steps", type=int, default=EVAL_STEPS)
     p.add_argument("--guidance", type=float, default=EVAL_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--guidance-2", type=float,
+                   help="Wan 2.2: the low-noise expert's guidance scale (default --guidance)")
+    p.add_argument("--audio-guidance", type=float, help="LTX-2: the audio stream's guidance scale (default --guidance)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32; bfloat16 halves the memory on GPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,10 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num", type=int, default=4, help="images per prompt")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=_sample)
-    ev = sub.add_parser("eval", help="shapes-verifier strict accuracy of a base model plus an optional LoRA")
+    ev = sub.add_parser("eval", help="held-out score of a base model plus an optional LoRA: the shapes verifier's "
+                                     "strict accuracy, or a reward's mean (--reward) on any prompt file")
     _inference_args(ev)
     ev.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
     ev.add_argument("--n", type=int, default=64, help="number of held-out prompts")
+    ev.add_argument("--reward", help="score with this reward's mean instead of the shapes verifier")
+    ev.add_argument("--reward-option", action="append", default=[], help="NAME.KEY=VALUE passed to the reward")
     ev.set_defaults(func=_eval)
     gd = sub.add_parser("guide", help="RL guidance: sample at strengths w of a LoRA (or a second model) against the "
                                       "reference, with a grid and reward-vs-w plot")
@@ -193,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
     gd.add_argument("--n", type=int, default=8, help="prompts taken from --prompts")
     gd.add_argument("--reward", action="append", default=[], help="a reward to score every w with (repeatable)")
+    gd.add_argument("--reward-option", action="append", default=[],
+                    help="NAME.KEY=VALUE passed to reward NAME, e.g. aesthetic.weights=head.pth (repeatable)")
     gd.add_argument("--out", default="runs/guide", help="output folder (default runs/guide)")
     gd.set_defaults(func=_guide)
     sr = sub.add_parser("serve-reward", help="serve a reward function over HTTP (JSON + PNG, never pickle)")

@@ -67,6 +67,9 @@ class SamplerConfig:
     """SDE noise: Flow-GRPO's ``a`` / DanceGRPO's ``eta``; 0 is the ODE (nft only: ppo needs noise). Range: [0, 1]."""
     guidance_scale: float = 4.5
     """Classifier-free guidance during rollouts and training (1 disables it and halves the cost). Range: [0, 100]."""
+    family_guidance: dict[str, float] = field(default_factory=dict)
+    """The family's own guidance scales besides ``guidance_scale``: Wan 2.2 ``{guidance_scale_2: 3.0}`` (the
+    low-noise expert; default ``guidance_scale``), LTX-2 ``{audio_guidance_scale: 7.0}`` (the audio stream)."""
     split_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
     """Tree split steps (empty list: flat GRPO)."""
     branch_factor: int = 2
@@ -75,10 +78,38 @@ class SamplerConfig:
     """Noise std multiplier at split steps (BranchGRPO). Range: (0, inf)."""
     sde_window: Optional[list[int]] = None
     """[start, size]: SDE (and trained) steps; ODE elsewhere. None: every step is SDE."""
+    window_schedule: str = "fixed"
+    """How the ``sde_window`` start moves over RL steps (MixGRPO): fixed (as given), progressive (one step later
+    every ``window_steps`` RL steps, rolling back to 0 after the last position), decay / exp_decay (MixGRPO's
+    shrinking dwell times), random (a uniform start each RL step). Flat rollouts only (a tree's splits must stay
+    inside the window)."""
+    window_steps: int = 25
+    """RL steps the window stays at a position (progressive; the initial dwell of decay / exp_decay).
+    Range: [1, inf)."""
     timestep_fraction: float = 1.0
     """Fraction of the SDE steps trained each iteration (DanceGRPO). Range: (0, 1]."""
     eval_steps: int = 20
     """Steps of the deterministic evaluation sampler. Range: [1, 1000]."""
+
+
+@dataclass
+class PruningConfig:
+    """BranchGRPO's pruning: edges left out of the gradient; rollouts are unchanged. ppo only."""
+
+    width: Optional[str] = None
+    """None (off), topk (within each set of sibling chains created at the last split, keep the top ``width_ratio``
+    by leaf value) or best_worst (per tree, the best and worst ``width_ratio / 2`` of the leaves' chains); only the
+    edges after the last split are pruned."""
+    width_ratio: float = 0.5
+    """Share of chains width pruning keeps. Range: (0, 1]."""
+    depths: list[int] = field(default_factory=list)
+    """Child depths whose edges are not trained (depth k + 1 is the edge of denoising step k); empty: off."""
+    depth_interval: Optional[int] = None
+    """Slide the pruned depths one depth shallower every this many RL steps, down to ``depth_stop``; None: fixed."""
+    depth_stop: Optional[int] = None
+    """The shallowest depth the sliding window reaches; None: the depth of the last split's children."""
+    until: float = 1.0
+    """Prune only while the RL step is below this fraction of ``train.steps``. Range: [0, 1]."""
 
 
 @dataclass
@@ -98,19 +129,36 @@ class TrainConfig:
     """Linear warm-up from lr / (warmup_steps + 1) over the first steps, then the schedule. Range: [0, inf)."""
     objective: str = "ppo"
     """ppo: clipped-ratio updates of the SDE transitions (Flow-GRPO, BranchGRPO); nft: DiffusionNFT's forward-process
-    objective on the leaves' clean latents (papers.md part 1 (i)), noised at ``sampler.timestep_fraction`` of the
-    rollout's noise levels."""
+    objective on the leaves' clean latents (papers.md part 1 (i)); awm: Advantage Weighted Matching (advantage-weighted
+    flow matching on the same points). nft and awm noise each leaf at ``sampler.timestep_fraction`` of the rollout's
+    noise levels. Objectives are registered in ``diffrl.update.OBJECTIVES``."""
+    awm_weighting: str = "ghuber"
+    """AWM's per-sample weighting of the flow-matching error m: ghuber (sigma ((m + 1e-10)^0.25 - 1e-10^0.25) / 0.25,
+    the release's default) or uniform (m, the paper's plain form)."""
     nft_beta: float = 1.0
     """DiffusionNFT's beta: how far the implicit positive/negative policies sit from the sampling policy.
     Range: (0, inf)."""
     clip_range: float = 0.2
     """Per-element-normalised PPO epsilon (diffrl.loss.effective_clip_range). Range: (0, inf)."""
+    ratio_norm: bool = False
+    """GRPO-Guard (as released in Flow-GRPO's scripts/train_sd3_GRPO_Guard.py): RatioNorm of the clipped ratio (the
+    log-ratio's deterministic bias removed, rescaled by the step's std) and the surrogate re-weighted by 1 / |dt| per
+    denoising step. ppo only."""
+    kl_convention: str = "exact"
+    """ppo's per-step KL to the reference: exact (the Gaussian KL of the step, ||mu - mu_ref||^2 / (2 sigma_t^2
+    |dsigma|)) or flow_grpo (Flow-GRPO's, divided by 2 sigma_t^2 only: |dsigma| times the exact one), so that a
+    ``kl_weight`` copied from Flow-GRPO means what it meant there."""
     kl_weight: float = 0.01
     """Weight of the KL to the reference (LoRA off); 0 skips the reference pass. Range: [0, inf)."""
     adv_clip: float = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip] (DiffusionNFT's A_max). Range: (0, inf)."""
     advantage: str = "tree"
     """tree (depth-wise), grpo or rloo (the last two on leaves)."""
+    tree_fusion: str = "mean"
+    """How ``advantage: tree`` values a node from its leaves (BranchGRPO's reward fusion): mean (of the leaves below)
+    or path_prob (children weighted by the softmax of their transition log-probs)."""
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Width and depth pruning of the trained edges (a mapping, e.g. ``{width: topk, depths: [9, 10]}``)."""
     rollout_chunks: int = 1
     """Roll a step's trees out in this many chunks; each chunk's rewards run in a background thread while the next
     chunk rolls out (1: one batched rollout, nothing overlaps). Range: [1, 100000]."""
@@ -186,6 +234,10 @@ class DataConfig:
     """Samples per held-out prompt, each from its own seed: the accuracy is over ``eval_size * eval_seeds`` samples
     (the shapes grammar has only 54 distinct count prompts, so more prompts would leave none to train on).
     Range: [1, 1000]."""
+    evaluator: str = "auto"
+    """How held-out samples are scored (``diffrl.evaluation``): shapes (the verifier's strict accuracy), reward:NAME
+    (that reward's mean; NAME from ``rewards``), or auto (shapes when every held-out prompt is in its grammar, else
+    the first reward)."""
     exclude_eval: bool = True
     """Keep the evaluation prompts out of training. false: train on them too, e.g. to check that RL fits the one
     prompt it trains on (``data.prompts`` and ``data.eval_prompts`` the same one-line file)."""
@@ -221,9 +273,11 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
-    "sampler.kind": ("flow", "dance", "cps"), "train.advantage": ("tree", "grpo", "rloo"), "train.objective": ("ppo", "nft"),
-    "train.lr_schedule": ("constant", "cosine", "linear"),
-    "train.reward_aggregation": ("sum", "gdpo"), "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
+    "sampler.kind": ("flow", "dance", "cps"),
+    "sampler.window_schedule": ("fixed", "progressive", "decay", "exp_decay", "random"), "train.advantage": ("tree", "grpo", "rloo"),
+    "train.lr_schedule": ("constant", "cosine", "linear"), "train.awm_weighting": ("ghuber", "uniform"),
+    "train.reward_aggregation": ("sum", "gdpo"),
+    "train.tree_fusion": ("mean", "path_prob"), "train.kl_convention": ("exact", "flow_grpo"), "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
     "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
     "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
 }
@@ -234,7 +288,7 @@ RANGES: dict[str, str] = {
     "model.num_frames": "[1, 10000]",
     "sampler.num_steps": "[1, 1000]", "sampler.noise_level": "[0, 1]", "sampler.guidance_scale": "[0, 100]",
     "sampler.branch_factor": "[2, 64]", "sampler.split_noise_scale": "(0, inf)", "sampler.timestep_fraction": "(0, 1]",
-    "sampler.eval_steps": "[1, 1000]",
+    "sampler.eval_steps": "[1, 1000]", "sampler.window_steps": "[1, inf)",
     "train.steps": "[1, 10000000]", "train.prompts_per_step": "[1, 1000000]", "train.trees_per_prompt": "[1, 1000000]",
     "train.lr": "(0, inf)", "train.warmup_steps": "[0, inf)", "train.nft_beta": "(0, inf)",
     "train.clip_range": "(0, inf)",
@@ -375,6 +429,9 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'sampler.split_steps' {bad_splits} lie past the last step {s.num_steps - 1}")
     if s.split_steps != sorted(set(s.split_steps)):
         errors.append(f"{where}: 'sampler.split_steps' must be strictly increasing, got {s.split_steps}")
+    if s.window_schedule != "fixed" and (s.sde_window is None or s.split_steps):
+        errors.append(f"{where}: 'sampler.window_schedule' {s.window_schedule} moves 'sampler.sde_window': it needs "
+                      "one and flat rollouts ('sampler.split_steps: []')")
     if s.sde_window is not None:
         if len(s.sde_window) != 2 or s.sde_window[0] < 0 or s.sde_window[1] < 1 or sum(s.sde_window) > s.num_steps:
             errors.append(f"{where}: 'sampler.sde_window' must be [start, size] inside {s.num_steps} steps, "
@@ -397,7 +454,8 @@ def validate(cfg: Config, where: str) -> list[str]:
         errors.append(f"{where}: 'model.fsdp_cpu_offload' offloads FSDP shards: it needs 'model.fsdp' true")
     if t.objective == "ppo" and s.noise_level == 0:
         errors.append(f"{where}: 'sampler.noise_level' 0 makes the rollouts deterministic: the clipped-ratio objective "
-                      "('train.objective' ppo) needs SDE noise to have log-probabilities (use nft for ODE rollouts)")
+                      "('train.objective' ppo) needs SDE noise to have log-probabilities (nft and awm train on ODE "
+                      "rollouts)")
     if cfg.model.lora_rank > 0 and not cfg.model.lora_targets:
         errors.append(f"{where}: 'model.lora_targets' is empty: name the layers the LoRA adapts (e.g. [to_q, to_v])")
     trees = cfg.explore.candidates if cfg.explore.enabled else t.trees_per_prompt
@@ -405,9 +463,24 @@ def validate(cfg: Config, where: str) -> list[str]:
     if leaves_per_step > MAX_LEAVES_PER_STEP:
         errors.append(f"{where}: a step of {leaves_per_step} rollouts ('train.prompts_per_step' x trees per prompt x "
                       f"leaves per tree) is more than {MAX_LEAVES_PER_STEP}: far beyond any run; check the sizes")
-    if t.objective == "nft" and t.advantage == "tree":
-        errors.append(f"{where}: 'train.objective' nft trains on leaves: 'train.advantage' must be grpo or rloo, "
-                      "not tree (per-edge)")
+    from diffrl.update import OBJECTIVES
+
+    if t.objective not in OBJECTIVES:
+        errors.append(f"{where}: 'train.objective' must be one of {list(OBJECTIVES)}, got {t.objective!r}")
+    per_leaf = t.objective in OBJECTIVES and OBJECTIVES[t.objective].per_leaf
+    if per_leaf and t.kl_convention != "exact":
+        errors.append(f"{where}: 'train.kl_convention' scales the per-step Gaussian KL of ppo; {t.objective}'s KL is "
+                      "||v - v_ref||^2: leave it at exact")
+    if per_leaf and t.ratio_norm:
+        errors.append(f"{where}: 'train.ratio_norm' normalises the clipped ratio of SDE transitions: it needs "
+                      f"'train.objective' ppo, not {t.objective}")
+    errors += _pruning_errors(cfg, per_leaf, where)
+    if t.tree_fusion == "path_prob" and (t.advantage != "tree" or cfg.explore.enabled):
+        errors.append(f"{where}: 'train.tree_fusion' path_prob fuses tree nodes by every edge's log-prob: it needs "
+                      "'train.advantage' tree and no 'explore' (which regenerates only some edges)")
+    if per_leaf and t.advantage == "tree":
+        errors.append(f"{where}: 'train.objective' {t.objective} trains on leaves: 'train.advantage' must be grpo or "
+                      "rloo, not tree (per-edge)")
     if t.reward_routing:
         unrouted = sorted(set(cfg.rewards) - set(t.reward_routing))
         if unrouted:
@@ -424,8 +497,33 @@ def validate(cfg: Config, where: str) -> list[str]:
     errors += [f"{where}: 'rewards.{k}' weight must be a finite number, got {w}" for k, w in cfg.rewards.items()
                if not math.isfinite(w)]
     errors += _name_errors(cfg, where)
+    errors += [f"{where}: 'sampler.family_guidance.{k}' must be a finite number >= 0, got {v}"
+               for k, v in cfg.sampler.family_guidance.items() if not (math.isfinite(v) and v >= 0)]
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                for k in cfg.reward_options if k not in cfg.rewards]
+    return errors
+
+
+def _pruning_errors(cfg: Config, per_leaf: bool, where: str) -> list[str]:
+    """``train.pruning``'s values and where it applies."""
+    p, errors = cfg.train.pruning, []
+    if p.width not in (None, "topk", "best_worst"):
+        errors.append(f"{where}: 'train.pruning.width' must be topk, best_worst or null, got {p.width!r}")
+    if not (math.isfinite(p.width_ratio) and 0 < p.width_ratio <= 1):
+        errors.append(f"{where}: 'train.pruning.width_ratio' must be in (0, 1], got {p.width_ratio}")
+    if not (math.isfinite(p.until) and 0 <= p.until <= 1):
+        errors.append(f"{where}: 'train.pruning.until' must be in [0, 1], got {p.until}")
+    bad = [d for d in p.depths if not 1 <= d <= cfg.sampler.num_steps]
+    if bad:
+        errors.append(f"{where}: 'train.pruning.depths' {bad} are not edge depths 1..{cfg.sampler.num_steps}")
+    if p.depth_interval is not None and p.depth_interval < 1:
+        errors.append(f"{where}: 'train.pruning.depth_interval' must be >= 1, got {p.depth_interval}")
+    if (p.width or p.depths) and per_leaf:
+        errors.append(f"{where}: 'train.pruning' leaves edges out of the clipped-ratio update: it needs "
+                      f"'train.objective' ppo, not {cfg.train.objective}")
+    if p.width and not cfg.sampler.split_steps:
+        errors.append(f"{where}: 'train.pruning.width' prunes the chains after the last split: it needs a tree "
+                      "('sampler.split_steps')")
     return errors
 
 

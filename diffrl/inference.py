@@ -34,12 +34,12 @@ EVAL_SEED, EVAL_STEPS, EVAL_GUIDANCE = 999, 20, 4.5
 
 
 def eval_accuracy(adapter, prompts: Sequence[str], seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
-                  guidance: float = EVAL_GUIDANCE) -> dict[str, float]:
-    """What ``diffrl eval`` prints: verifier strict accuracy, overall and per kind, of one deterministic sample per
-    prompt."""
-    from diffrl.viz import stills
+                  guidance: float = EVAL_GUIDANCE, evaluator=None) -> dict[str, float]:
+    """What ``diffrl eval`` prints: ``evaluator``'s metrics (``diffrl.evaluation``; default the shapes verifier's
+    strict accuracy, overall and per kind) of one deterministic sample per prompt."""
+    from diffrl.evaluation import ShapesEvaluator
 
-    return shapes_accuracy(stills(sample(adapter, prompts, seed, steps, guidance)), prompts)
+    return (evaluator or ShapesEvaluator())(sample(adapter, prompts, seed, steps, guidance), prompts)
 
 
 def shapes_accuracy(images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
@@ -170,14 +170,21 @@ def check_lora_fits(adapter: DiffusersAdapter, lora: str, model: str) -> None:
 
 
 def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
-                       family: str = "sd3", resolution: Optional[int] = None, num_frames: Optional[int] = None):
+                       family: str = "sd3", resolution: Optional[int] = None, num_frames: Optional[int] = None,
+                       family_guidance: Optional[dict[str, float]] = None):
     """An adapter of ``family`` for ``model`` with a diffusers-format LoRA folder loaded (and fused off: adapters
-    stay toggleable). A LoRA that does not fit the model (``check_lora_fits``), or that no part of the pipeline
-    takes (diffusers skips keys it routes nowhere, such as a UNet's), is a ``ModelLoadError``."""
+    stay toggleable; every expert's, ``DiffusersAdapter.load_lora``), with the family's own guidance scales
+    (``family_guidance``, e.g. Wan 2.2's ``guidance_scale_2``). A LoRA that does not fit the model
+    (``check_lora_fits``), or that no part of the pipeline takes (diffusers skips keys it routes nowhere, such as a
+    UNet's), is a ``ModelLoadError``."""
     from diffrl.adapters import load_adapter_class, shape_options
 
     adapter = load_adapter_class(family).from_pretrained(model, device=device, dtype=dtype,
                                                          **shape_options(resolution, num_frames))
+    try:
+        adapter.set_family_guidance(family_guidance or {})
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     if lora:
         from diffusers.utils import logging as diffusers_logging
 
@@ -186,7 +193,7 @@ def load_for_inference(model: str, lora: Optional[str] = None, device: str = "cp
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # diffrl's LoRAs hold no text-encoder keys: one notice per encoder
         try:
-            adapter.pipe.load_lora_weights(lora)
+            adapter.load_lora(lora)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load the LoRA in {lora!r}: {str(e).splitlines()[0]}") from None
         finally:

@@ -49,6 +49,19 @@ def ratio_norm_log_ratio(log_ratio: Tensor, mean: Tensor, old_mean: Tensor, std:
     return s * (log_ratio + bias)
 
 
+def kl_convention_scale(sigma: Tensor, sigma_next: Tensor, convention: str) -> Optional[Tensor]:
+    """Per-transition factor ``[E]`` on the exact Gaussian KL of a step, ``||mu - mu_ref||^2 / (2 std^2)`` with the
+    flow SDE's ``std^2 = sigma_t^2 |dsigma|``: None for ``exact``; ``|dsigma| = sigma - sigma_next`` for
+    ``flow_grpo``, which gives the KL of Flow-GRPO's released code (Liu et al. 2025), ``||mu - mu_ref||^2 /
+    (2 sigma_t^2)``. A beta tuned with Flow-GRPO's convention carries over with ``flow_grpo``; with ``exact`` the same
+    beta weighs step k's KL 1 / |dsigma_k| times more (about 9x at the main grid's early steps, 1000x at its last)."""
+    if convention == "exact":
+        return None
+    if convention == "flow_grpo":
+        return (sigma - sigma_next).float()
+    raise ValueError(f"KL convention must be 'exact' or 'flow_grpo', got {convention!r}")
+
+
 @dataclass
 class LossStats:
     """Diagnostics of one policy-loss evaluation (floats, detached)."""
@@ -80,14 +93,18 @@ def policy_loss(
     std: Optional[Tensor] = None,
     ratio_norm: bool = False,
     old_mean: Optional[Tensor] = None,
+    policy_scale: float = 1.0,
+    kl_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, LossStats]:
     """PPO clipped surrogate per transition plus beta * KL to the reference (papers.md (a)).
 
     log_prob, old_log_prob, advantages: ``[E]``. L = wmean(max(-A rho, -A clip(rho, 1 - c, 1 + c))) + beta wmean(KL)
     with rho = exp(log_prob - old_log_prob), c = ``effective_clip_range(clip_range, num_elements, reduction)``,
     KL = ``gaussian_kl(mean, ref_mean, std)`` (needs those three when ``kl_weight > 0``), ``weights`` ``[E]``
-    (default 1) for the weighted mean. ``ratio_norm`` applies GRPO-Guard RatioNorm (needs mean, old_mean, std).
-    Returns a scalar loss and ``LossStats``.
+    (default 1) for the weighted mean. ``ratio_norm`` applies GRPO-Guard RatioNorm (needs mean, old_mean, std);
+    ``policy_scale`` multiplies the surrogate term only (GRPO-Guard's per-step 1 / |dt| re-weighting; the KL term
+    and the logged ``policy_loss`` are unscaled); ``kl_scale`` ``[E]`` multiplies each transition's KL (the
+    anchors' convention, see ``kl_convention_scale``). Returns a scalar loss and ``LossStats``.
     """
     adv = clip_advantages(advantages.float(), adv_clip)
     log_ratio = log_prob.float() - old_log_prob.float()
@@ -100,12 +117,13 @@ def policy_loss(
     per = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - c, 1 + c))
     w = torch.ones_like(per) if weights is None else weights.float()
     wmean = lambda t: (t * w).sum() / w.sum().clamp_min(1e-12)  # noqa: E731
-    loss = wmean(per)
+    loss = wmean(per) * policy_scale
     kl = torch.zeros((), device=per.device)
     if kl_weight > 0:
         if mean is None or ref_mean is None or std is None:
             raise ValueError("kl_weight > 0 needs mean, ref_mean and std")
-        kl = wmean(gaussian_kl(mean, ref_mean, std, reduction))
+        per_kl = gaussian_kl(mean, ref_mean, std, reduction)
+        kl = wmean(per_kl if kl_scale is None else per_kl * kl_scale.float())
         loss = loss + kl_weight * kl
     with torch.no_grad():
         stats = LossStats(
@@ -115,6 +133,16 @@ def policy_loss(
         )
     return loss, stats
 
+
+
+def velocity_kl(v: Tensor, v_ref: Optional[Tensor], kl_weight: float) -> Tensor:
+    """The forward-process objectives' KL to the reference, mean_B |v - v_ref|^2 (element mean; ``v_ref``
+    detached); 0 when ``kl_weight`` is 0."""
+    if kl_weight <= 0:
+        return torch.zeros((), device=v.device)
+    if v_ref is None:
+        raise ValueError("kl_weight > 0 needs v_ref")
+    return reduce_elements((v.float() - v_ref.float().detach()).square()).mean()
 
 
 @dataclass
@@ -168,14 +196,65 @@ def nft_loss(
         return reduce_elements(err.square()) / w
 
     per = (adv_max / beta) * (r * term((1 - beta) * vo + beta * vf) + (1 - r) * term((1 + beta) * vo - beta * vf))
-    loss = per.mean()
-    kl = torch.zeros((), device=vf.device)
-    if kl_weight > 0:
-        if v_ref is None:
-            raise ValueError("kl_weight > 0 needs v_ref")
-        kl = reduce_elements((vf - v_ref.float().detach()).square()).mean()
-        loss = loss + kl_weight * kl
+    kl = velocity_kl(vf, v_ref, kl_weight)
+    loss = per.mean() + kl_weight * kl
     with torch.no_grad():
         stats = NFTStats(policy_loss=float(per.mean()), kl=float(kl), clip_frac=float((adv.abs() > adv_max).float().mean()),
                          old_dev=float((vf - vo).square().mean()))
+    return loss, stats
+
+
+@dataclass
+class AWMStats:
+    """Diagnostics of one AWM loss evaluation (floats, detached)."""
+
+    policy_loss: float
+    kl: float
+    clip_frac: float
+    """Fraction of samples whose advantage was clipped at ``adv_max``."""
+
+
+def awm_loss(
+    v: Tensor,
+    noise: Tensor,
+    x0: Tensor,
+    sigma: Tensor,
+    advantages: Tensor,
+    *,
+    adv_max: float,
+    weighting: str = "ghuber",
+    power: float = 0.25,
+    kl_weight: float = 0.0,
+    v_ref: Optional[Tensor] = None,
+) -> tuple[Tensor, AWMStats]:
+    """Advantage Weighted Matching (Xue et al., arXiv 2509.25050): the pretraining flow-matching loss on the policy's
+    own clean samples, weighted by their advantages.
+
+    v, noise, x0: ``[B, ...]`` (v with grad, evaluated at ``x_t = (1 - sigma) x0 + sigma noise``), sigma ``[B]``,
+    advantages ``[B]``. With m = per-element mean of (v - (noise - x0))^2 and a = clip(A, -A_max, A_max) / A_max
+    (the release's scaling):
+
+        uniform:  L = mean_B a m                                              (the paper's plain form)
+        ghuber:   L = mean_B a sigma ((m + 1e-10)^p - 1e-10^p) / p            (the release's default, p = 0.25)
+
+    plus ``kl_weight`` mean_B |v - v_ref|^2 (element mean) to the reference. The release's PPO ratio built from these
+    losses is exactly 1 on policy (one optimizer step per rollout), so it is left out. Returns a scalar loss and
+    ``AWMStats``.
+    """
+    if adv_max <= 0:
+        raise ValueError(f"adv_max must be > 0, got {adv_max}")
+    if weighting not in ("uniform", "ghuber"):
+        raise ValueError(f"AWM weighting must be 'uniform' or 'ghuber', got {weighting!r}")
+    vf = v.float()
+    target = noise.float() - x0.float()
+    m = reduce_elements((vf - target).square())
+    if weighting == "ghuber":
+        m = sigma.float() * ((m + 1e-10) ** power - 1e-10**power) / power
+    adv = advantages.float()
+    per = clip_advantages(adv, adv_max) / adv_max * m
+    kl = velocity_kl(vf, v_ref, kl_weight)
+    loss = per.mean() + kl_weight * kl
+    with torch.no_grad():
+        stats = AWMStats(policy_loss=float(per.mean()), kl=float(kl),
+                         clip_frac=float((adv.abs() > adv_max).float().mean()))
     return loss, stats

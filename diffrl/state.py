@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from diffrl.adapters.interface import Adapter
 from diffrl.config import Config
 from diffrl.explore import LowPrecisionPolicy
 from diffrl.prompts import PromptStream
@@ -23,7 +24,7 @@ class Run:
 
     cfg: Config
     out: Path
-    adapter: Any
+    adapter: Adapter
     rewards: dict[str, Callable]
     schedule: TreeSchedule
     sigmas: Tensor
@@ -37,6 +38,8 @@ class Run:
     world: int = 1
     explorer: Optional[LowPrecisionPolicy] = None
     """The low-precision exploration copy of the policy (``explore.enabled``)."""
+    evaluator: Optional[Callable] = None
+    """How held-out samples are scored (``diffrl.evaluation``; ``data.evaluator``)."""
 
 
 @dataclass

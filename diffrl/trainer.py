@@ -25,22 +25,23 @@ from diffrl import checkpoint, rundir
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import (
-    clip_advantages, depthwise_advantages, group_advantages, rloo_advantages, route_advantages,
+    clip_advantages, depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages, route_advantages,
+    tree_node_values,
 )
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.guard import NonFiniteError, check_finite
-from diffrl.inference import EVAL_SEED, sample, shapes_accuracy
+from diffrl.evaluation import evaluator_for
+from diffrl.inference import EVAL_SEED, sample
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
-from diffrl.schedule import subsample_steps, window_mask
+from diffrl.schedule import mix_window_start, subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples, submit
-from diffrl.shapes import in_grammar
 from diffrl.state import Batch, Run, Swap, TrainState
-from diffrl.tree import TreeSchedule, mix_seed
-from diffrl.update import STATS, ema_update, optimize, set_lr
+from diffrl.tree import TreeSchedule, depth_prune_mask, mix_seed, width_prune_mask
+from diffrl.update import STATS, ema_update, objective, optimize, set_lr
 from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
@@ -66,6 +67,10 @@ def build(cfg: Config, out: Path) -> Run:
                                                   **shape_options(cfg.model.resolution, cfg.model.num_frames))
     except (ValueError, ImportError, AttributeError) as e:
         raise ConfigError(f"'model' ({cfg.model.family} from {cfg.model.path}): {str(e).splitlines()[0]}") from None
+    try:
+        adapter.set_family_guidance(cfg.sampler.family_guidance)
+    except ValueError as e:
+        raise ConfigError(f"'sampler.family_guidance': {e}") from None
     if not sharded:
         weights = (p for m in adapter.denoisers.values() for p in m.parameters())
         check_finite(f"the weights of {cfg.model.path}", weights)
@@ -91,6 +96,10 @@ def build(cfg: Config, out: Path) -> Run:
         raise ConfigError(f"'train.reward_routing' routes rewards to {unknown}, but the {cfg.model.family} model's "
                           f"latent streams are {sorted(adapter.streams or {}) or 'one single stream'}")
     held_out = eval_prompts(cfg.data.eval_prompts, cfg.data.eval_size)
+    try:
+        evaluator = evaluator_for(held_out, rewards, cfg.data.evaluator, cfg.train.reward_timeout_s)
+    except ValueError as e:
+        raise ConfigError(f"'data.evaluator': {e}") from None
     e = cfg.explore
     explorer = LowPrecisionPolicy(adapter, e.precision, e.backend, e.skip_modules, e.min_dim) if e.enabled else None
     s = cfg.sampler
@@ -101,7 +110,7 @@ def build(cfg: Config, out: Path) -> Run:
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out if cfg.data.exclude_eval else ()),
                eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
-               explorer=explorer)
+               explorer=explorer, evaluator=evaluator)
 
 
 def load_rewards(cfg: Config) -> dict[str, Callable]:
@@ -157,7 +166,7 @@ def collect(run: Run, step: int) -> Batch:
         with torch.no_grad():
             ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, [seeds[i] for i in idx.tolist()],
                               run.adapter.latent_shape, cond=run.adapter.encode(chunk), max_batch=run.minibatch,
-                              device=run.adapter.device, **_rollout_options(run))
+                              device=run.adapter.device, **_rollout_options(run, step))
             parts.append(ro)
             images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
         if cfg.train.rollout_chunks > 1:
@@ -179,11 +188,27 @@ def _step_trees(run: Run, step: int, per_prompt: int) -> tuple[list[str], int, l
                                                                    for i in range(n)]
 
 
-def _rollout_options(run: Run) -> dict:
-    """The training rollouts' SDE options for ``tree_rollout``."""
+def _rollout_options(run: Run, step: int) -> dict:
+    """The training rollouts' SDE options for ``tree_rollout`` at RL step ``step``."""
     s = run.cfg.sampler
+    window = sde_window(run.cfg, step)
     return dict(kind=s.kind, noise_level=s.noise_level, split_noise_scale=s.split_noise_scale,
-                sde_steps=window_mask(s.num_steps, *s.sde_window) if s.sde_window else None)
+                sde_steps=None if window is None else window_mask(s.num_steps, *window))
+
+
+def sde_window(cfg: Config, step: int) -> Optional[tuple[int, int]]:
+    """``(start, size)`` of the SDE (and trained) window at RL step ``step``, or None (every step is SDE):
+    ``sampler.sde_window`` as given (``sampler.window_schedule: fixed``) or with its start moved by MixGRPO's
+    schedule (``schedule.mix_window_start``: progressive, decay, exp_decay; random draws from (seed, step))."""
+    s = cfg.sampler
+    if s.sde_window is None:
+        return None
+    if s.window_schedule == "fixed":
+        return s.sde_window[0], s.sde_window[1]
+    g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, step, 17))
+    start = mix_window_start(step, s.num_steps, s.sde_window[1], strategy=s.window_schedule,
+                             iters_per_move=s.window_steps, generator=g)
+    return start, s.sde_window[1]
 
 
 def collect_explored(run: Run, step: int) -> Batch:
@@ -195,7 +220,7 @@ def collect_explored(run: Run, step: int) -> Batch:
     all_prompts, first, prompts, seeds = _step_trees(run, step, e.candidates)
     ode = e.preview == "ode"
     pre = preview(run.explorer, run.rewards, cfg.rewards, prompts, seeds, e.candidates, schedule=run.schedule,
-                  sigmas=run.sigmas, rollout_options=_rollout_options(run), guidance=s.guidance_scale,
+                  sigmas=run.sigmas, rollout_options=_rollout_options(run, step), guidance=s.guidance_scale,
                   ode_steps=(e.preview_steps or s.num_steps) if ode else None, max_batch=run.minibatch,
                   timeout=cfg.train.reward_timeout_s)
     g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, step, 13, first))
@@ -210,7 +235,7 @@ def collect_explored(run: Run, step: int) -> Batch:
             ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, seeds,
                               run.adapter.latent_shape, cond=run.adapter.encode(prompts), max_batch=run.minibatch,
                               device=run.adapter.device, keep=None if bool(kept.all()) else nodes,
-                              **_rollout_options(run))
+                              **_rollout_options(run, step))
     if ro.kept is None:
         ro.kept = kept
     with torch.no_grad():
@@ -221,9 +246,9 @@ def collect_explored(run: Run, step: int) -> Batch:
 
 
 def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Leaf rewards ``[trees, leaves]`` of every process's trees (weighted sum, or GDPO-normalised), validity, and
-    the raw scores; each process scores its own leaves (or collects its chunks' background scores), then the
-    rewards are gathered."""
+    """Leaf rewards ``[trees, leaves]`` of every process's trees (the weighted sum of the rewards), validity,
+    and the raw scores ``{name: [trees * leaves]}``; each process scores its own leaves (or collects its chunks'
+    background scores), then the rewards are gathered."""
     leaves = run.schedule.num_leaves
     leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
     if batch.pending_scores:
@@ -239,11 +264,7 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
     dev = batch.rollout.leaves.device  # the advantage math runs where the transitions it indexes live
     scores, valid = {k: gather_rows(v).to(dev) for k, v in scores.items()}, gather_rows(valid).to(dev)
-    groups = _prompt_groups(batch.all_prompts, dev).repeat_interleave(leaves)
-    if run.cfg.train.reward_aggregation == "gdpo":
-        total = sum(w * group_advantages(scores[k], groups, valid=valid) for k, w in run.cfg.rewards.items())
-    else:
-        total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
+    total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
     shape = (len(batch.all_prompts), leaves)
     return total.reshape(shape), valid.reshape(shape), scores
 
@@ -257,19 +278,22 @@ def _prompt_groups(prompts: list[str], device: torch.device) -> Tensor:
 def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
               scores: Optional[dict[str, Tensor]] = None) -> tuple[Union[Tensor, dict[str, Tensor]], Tensor]:
     """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool; with ``train.reward_routing``, one ``[E]``
-    per modality (stream) from the per-reward scores ``{name: [trees * leaves]}`` (OmniNFT routing); for
-    ``train.objective: nft``, per-leaf advantages ``[trees, leaves]`` of this process's trees and the leaves to
-    train (the valid ones).
+    per modality (stream) from the per-reward scores ``{name: [trees * leaves]}`` (OmniNFT routing); for a per-leaf
+    objective (``Objective.per_leaf``: nft, awm), per-leaf advantages ``[trees, leaves]`` of this process's trees
+    and the leaves to train (the valid ones).
 
-    Invalid leaves (a reward failed) take their group's mean valid reward, so they move no statistic, and the
-    edges that lead only to invalid leaves are not trained.
+    The leaves' values are the weighted reward (``train.reward_aggregation: sum``) or GDPO's decoupled advantage
+    (``gdpo``); ``train.advantage`` turns them into advantages: ``tree`` (depth-wise, nodes fused by
+    ``train.tree_fusion``), ``grpo`` (group z-score; GDPO's values are advantages already) or ``rloo``. Invalid
+    leaves (a reward failed) take their group's mean valid value, so they move no statistic, and the edges that lead
+    only to invalid leaves are not trained; ``train.pruning`` drops more edges from the gradient.
     """
     cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
     groups = _prompt_groups(batch.all_prompts, leaf_r.device)
     leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
-    leaf_r = _fill_invalid(leaf_r, valid, leaf_groups)
     rows = batch.first_tree + tr.tree  # this process's trees among all
     reaches_valid = (valid.float() @ sched.leaf_matrix.to(valid.device).float().T) > 0
+    mask = _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
     if cfg.train.reward_routing:
         if scores is None:
             raise ValueError("train.reward_routing needs the per-reward scores")
@@ -277,23 +301,72 @@ def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
         per_mod = route_advantages(filled, leaf_groups.flatten(), cfg.train.reward_routing, cfg.rewards)
         adv = {name: clip_advantages(_node_means(a.reshape(leaf_r.shape), sched)[rows, tr.child], cfg.train.adv_clip)
                for name, a in per_mod.items()}
-        return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
+        return adv, mask
+    values = _leaf_values(run, leaf_r, valid, leaf_groups, scores)
     if cfg.train.advantage == "tree":
-        node_adv = depthwise_advantages(_node_means(leaf_r, sched, valid), sched, tree_groups=groups,
+        node_adv = depthwise_advantages(_node_values(run, batch, values, valid), sched, tree_groups=groups,
                                         valid=reaches_valid)
     else:
-        if cfg.train.advantage == "grpo":
-            leaf_adv = group_advantages(leaf_r.flatten(), leaf_groups.flatten(), valid=valid.flatten())
+        if cfg.train.advantage == "rloo":
+            leaf_adv = rloo_advantages(values.flatten(), leaf_groups.flatten())
+        elif cfg.train.reward_aggregation == "gdpo":
+            leaf_adv = values.flatten()
         else:
-            leaf_adv = rloo_advantages(leaf_r.flatten(), leaf_groups.flatten())
-        if cfg.train.objective == "nft":
+            leaf_adv = group_advantages(values.flatten(), leaf_groups.flatten(), valid=valid.flatten())
+        if objective(cfg.train.objective).per_leaf:
             trees = batch.first_tree + torch.arange(len(batch.prompts), device=leaf_adv.device)
             return leaf_adv.reshape(leaf_r.shape)[trees], valid[trees]
         node_adv = _node_means(leaf_adv.reshape(leaf_r.shape), sched, valid)
     if cfg.log.save_advantages and run.rank == 0:
         save_file({"node_advantages": node_adv.cpu().contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
-    adv = clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip)
-    return adv, _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
+    local = values[batch.first_tree : batch.first_tree + len(batch.prompts)]
+    return clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip), mask & _pruning_mask(run, batch, local, step)
+
+
+def _leaf_values(run: Run, leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor,
+                 scores: Optional[dict[str, Tensor]]) -> Tensor:
+    """``[trees, leaves]``: the weighted reward with invalid leaves filled by their group's mean, or for
+    ``train.reward_aggregation: gdpo`` GDPO's advantage BN(sum_k w_k z_k) of the valid leaves (0 elsewhere;
+    ``advantages.gdpo_advantages``, GDPO arXiv 2601.05242)."""
+    if run.cfg.train.reward_aggregation != "gdpo":
+        return _fill_invalid(leaf_r, valid, leaf_groups)
+    if scores is None:
+        raise ValueError("train.reward_aggregation gdpo needs the per-reward scores")
+    v = valid.flatten()
+    out = torch.zeros_like(leaf_r).flatten()
+    out[v] = gdpo_advantages({k: s[v] for k, s in scores.items()}, leaf_groups.flatten()[v], run.cfg.rewards)
+    return out.reshape(leaf_r.shape)
+
+
+def _node_values(run: Run, batch: Batch, values: Tensor, valid: Tensor) -> Tensor:
+    """``[trees, nodes]`` node values fused from the leaves' (BranchGRPO's reward fusion): the mean of the valid
+    leaves below (``train.tree_fusion: mean``) or, ``path_prob``, each node's children weighted by the softmax of
+    their transition log-probs (``advantages.tree_node_values``; the edges' log-probs gathered from every process)."""
+    sched = run.schedule
+    if run.cfg.train.tree_fusion == "mean":
+        return _node_means(values, sched, valid)
+    tr = batch.rollout.transitions
+    local = torch.zeros(len(batch.prompts), sched.num_nodes, device=values.device)
+    local[tr.tree, tr.child] = tr.log_prob.to(local.device)
+    return tree_node_values(values, sched, fusion="prob", edge_log_probs=gather_rows(local))
+
+
+def _pruning_mask(run: Run, batch: Batch, local_values: Tensor, step: int) -> Tensor:
+    """``[E]`` bool, the edges ``train.pruning`` keeps in the gradient (BranchGRPO; rollouts unchanged): width
+    pruning ranks each last split's sibling chains (or a tree's leaves) by their leaves' values ``[trees, leaves]``
+    of this process, depth pruning drops the edges into the given child depths (a window sliding towards
+    ``depth_stop`` every ``depth_interval`` steps); both only while step < ``until`` x ``train.steps``."""
+    p, tr = run.cfg.train.pruning, batch.rollout.transitions
+    keep = torch.ones(len(tr.step), dtype=torch.bool, device=tr.step.device)
+    if step >= p.until * run.cfg.train.steps:
+        return keep
+    if p.width is not None:
+        keep &= width_prune_mask(run.schedule, tr.step.cpu(), tr.child.cpu(), tr.tree.cpu(), local_values.cpu(),
+                                 p.width_ratio, p.width).to(keep.device)
+    if p.depths:
+        stop = p.depth_stop if p.depth_stop is not None else (run.schedule.split_steps or [0])[-1] + 1
+        keep &= depth_prune_mask(tr.depth.cpu(), p.depths, step, p.depth_interval, stop).to(keep.device)
+    return keep
 
 
 def _node_means(leaf_values: Tensor, sched: TreeSchedule, valid: Optional[Tensor] = None) -> Tensor:
@@ -317,7 +390,8 @@ def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
 
 def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
     s = run.cfg.sampler
-    steps = window_mask(s.num_steps, *s.sde_window) if s.sde_window else torch.ones(s.num_steps, dtype=torch.bool)
+    window = sde_window(run.cfg, step)
+    steps = window_mask(s.num_steps, *window) if window else torch.ones(s.num_steps, dtype=torch.bool)
     if s.timestep_fraction < 1:
         g = torch.Generator().manual_seed(mix_seed(run.cfg.train.seed, step, 11))
         steps = subsample_steps(steps, s.timestep_fraction, g)
@@ -342,15 +416,10 @@ def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = Fal
 
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
-    """Held-out accuracy: the shapes verifier's strict score per kind when every held-out prompt is in the shapes
-    grammar (generated or read from a file), else the first reward's mean."""
+    """Held-out accuracy of ``data.eval_seeds`` samples per held-out prompt, scored by the run's evaluator
+    (``diffrl.evaluation``: the shapes verifier's strict score per kind, or a reward's mean)."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
-    images = sample_images(run, prompts, seed=EVAL_SEED, reference=reference)
-    if in_grammar(run.eval_prompts):
-        return shapes_accuracy(stills(images), prompts)
-    name = next(iter(run.rewards))
-    scores, valid = score_batch({name: run.rewards[name]}, images, prompts, run.cfg.train.reward_timeout_s)
-    return {"accuracy": float(scores[name][valid].mean())}
+    return run.evaluator(sample_images(run, prompts, seed=EVAL_SEED, reference=reference), prompts)
 
 
 def write_grid(run: Run, state: TrainState) -> None:
@@ -559,6 +628,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
             "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
             "trained_edges": int(mask.sum()), "invalid": _expected_leaves(run, valid) - int(valid.sum()),
+            **({"sde_window": list(window)} if (window := sde_window(run.cfg, step)) else {}),
             **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **explored}
 
 

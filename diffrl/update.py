@@ -4,7 +4,7 @@ weights. Every loss comes from ``diffrl.loss``; this module only batches the mod
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch import Tensor
 from diffrl.distributed import average_gradients, max_over_processes
 from diffrl.fsdp import local_part
 from diffrl.guard import NonFiniteError, check_finite
-from diffrl.loss import nft_loss, policy_loss
+from diffrl.loss import awm_loss, kl_convention_scale, nft_loss, policy_loss
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import mix_seed
@@ -60,11 +60,51 @@ def set_lr(run: Run, step: int) -> float:
     return lr
 
 
+class Objective(Protocol):
+    """A training objective, the seam new objectives enter through (register one in ``OBJECTIVES``).
+
+    ``per_leaf``: its advantages are per leaf (``[trees, leaves]`` of this process's trees, with the valid leaves as
+    the mask: forward-process objectives, which need no log-probs) rather than per edge (``[E]``, or one ``[E]`` per
+    latent stream, with the trained edges as the mask). ``update`` takes the step's optimizer steps and returns
+    statistics named in ``STATS``."""
+
+    per_leaf: bool
+
+    def update(self, run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor,
+               step: int) -> dict[str, float]: ...
+
+
+class ClippedRatio:
+    """PPO's clipped ratio on the SDE transitions (Flow-GRPO, BranchGRPO; per stream with modality routing)."""
+
+    per_leaf = False
+
+    def update(self, run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor,
+               step: int) -> dict[str, float]:
+        return optimize_ppo(run, batch, adv, mask)
+
+
+class ForwardProcess:
+    """An objective on the leaves' clean latents noised by the forward process (``forward_updates``), with its
+    per-chunk loss: DiffusionNFT (``nft_chunk_loss``) or AWM (``awm_chunk_loss``)."""
+
+    per_leaf = True
+
+    def __init__(self, chunk_loss: Callable):
+        self.chunk_loss = chunk_loss
+
+    def update(self, run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -> dict[str, float]:
+        return forward_updates(run, batch, adv, mask, step, self.chunk_loss)
+
+
+def objective(name: str) -> Objective:
+    """The objective registered as ``name`` (``train.objective``)."""
+    return OBJECTIVES[name]
+
+
 def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor, step: int = 0) -> dict[str, float]:
-    """The update for ``train.objective``: clipped-ratio (``ppo``) or DiffusionNFT (``nft``)."""
-    if run.cfg.train.objective == "nft":
-        return optimize_nft(run, batch, adv, mask, step)
-    return optimize_ppo(run, batch, adv, mask)
+    """The update of ``train.objective`` (see ``OBJECTIVES``)."""
+    return objective(run.cfg.train.objective).update(run, batch, adv, mask, step)
 
 
 def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor) -> dict[str, float]:
@@ -147,9 +187,23 @@ def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tenso
         return _stream_losses(run, tr, adv, edges, out.mean, ref_mean, n_elem, weight)
     loss, stats = policy_loss(out.log_prob, tr.log_prob[edges], adv[edges], clip_range=cfg.train.clip_range,
                               num_elements=n_elem, kl_weight=cfg.train.kl_weight, mean=out.mean, ref_mean=ref_mean,
-                              std=tr.std[edges])
+                              std=tr.std[edges], kl_scale=_kl_scale(run, tr, edges), **_ratio_norm(run, tr, edges))
     (loss * weight).backward()
     return _loss_stats([(1.0, stats)])
+
+
+def _kl_scale(run: Run, tr, edges: Tensor) -> Optional[Tensor]:
+    """The edges' factor on the exact KL for ``train.kl_convention`` (``loss.kl_convention_scale``)."""
+    return kl_convention_scale(tr.sigma[edges], tr.sigma_next[edges], run.cfg.train.kl_convention)
+
+
+def _ratio_norm(run: Run, tr, edges: Tensor) -> dict:
+    """``policy_loss``'s GRPO-Guard options for these edges (all of one step) when ``train.ratio_norm``: RatioNorm
+    against the rollout-time kernel mean, and the surrogate re-weighted by 1 / |dt| of the step; none otherwise."""
+    if not run.cfg.train.ratio_norm:
+        return {}
+    dt = float(tr.sigma[edges[0]] - tr.sigma_next[edges[0]])
+    return {"ratio_norm": True, "old_mean": tr.mean[edges], "policy_scale": 1.0 / max(dt, 1e-12)}
 
 
 def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Tensor, ref_mean: Optional[Tensor],
@@ -168,8 +222,12 @@ def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Te
         new_lp = gaussian_log_prob(x_next[:, sl], mean[:, sl], std)
         old_lp = gaussian_log_prob(x_next[:, sl], old_mean[:, sl], std)
         ref = None if ref_mean is None else ref_mean.flatten(1)[:, sl]
+        norm = _ratio_norm(run, tr, edges)
+        if norm:
+            norm["old_mean"] = old_mean[:, sl]
         l_m, st = policy_loss(new_lp, old_lp, adv[name][edges], clip_range=cfg.train.clip_range, num_elements=d,
-                              kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std)
+                              kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std,
+                              kl_scale=_kl_scale(run, tr, edges), **norm)
         loss = loss + l_m * d / n_elem
         parts.append((d / n_elem, st))
     (loss * weight).backward()
@@ -208,14 +266,16 @@ def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor,
     return torch.cat(idx).to(dev), torch.cat(sig).to(dev), torch.cat(eps).to(dev)
 
 
-def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -> dict[str, float]:
-    """DiffusionNFT updates (papers.md part 1 (i)) on the leaves' clean latents, noised by the forward process.
+def forward_updates(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int,
+                    chunk_loss: Callable) -> dict[str, float]:
+    """Forward-process updates (DiffusionNFT, AWM) on the leaves' clean latents, noised at ``nft_points``.
 
-    The sampling policy (``v_old``) is the LoRA as it was at rollout time: in the first update its velocity is the
-    trained one's, detached (same weights, same batch); later updates of the step recompute it with the rollout-time
-    LoRA swapped in. Updates are grouped by tree like the clipped-ratio path (``train.updates_per_epoch``), points go
-    through the model ``Run.minibatch`` at a time, and a process with no points still joins every update."""
-    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+    ``chunk_loss(run, points, x0_all, cond_all, adv, leaves, snapshot, on_policy, share)`` computes one chunk's loss,
+    runs its backward and returns its statistics. The sampling policy is the LoRA as it was at rollout time
+    (``snapshot`` when a step takes several optimizer steps; ``on_policy`` in the first). Updates are grouped by
+    tree like the clipped-ratio path (``train.updates_per_epoch``), points go through the model ``Run.minibatch`` at
+    a time, and a process with no points still joins every update."""
+    cfg, ad = run.cfg, run.adapter
     leaves = mask.shape[1]
     leaf, sigma, eps = nft_points(run, batch, mask, step)
     x0_all = batch.rollout.leaves.flatten(0, 1)
@@ -231,45 +291,77 @@ def optimize_nft(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int) -
             on_policy = epoch == 0 and u == 0
             for chunk in chunks:
                 pts = (leaf[chunk], sigma[chunk], eps[chunk])
-                st = _nft_chunk_loss(run, pts, x0_all, cond_all, adv, leaves, snapshot, on_policy, (len(chunk), len(points)))
+                st = chunk_loss(run, pts, x0_all, cond_all, adv, leaves, snapshot, on_policy, (len(chunk), len(points)))
                 if epoch == 0:
-                    for name in ("kl", "clip_frac", "old_dev", "policy_loss"):
-                        stats_sum[name] = stats_sum.get(name, 0.0) + getattr(st, name) * len(chunk) / len(leaf)
+                    for name, value in st.items():
+                        stats_sum[name] = stats_sum.get(name, 0.0) + value * len(chunk) / len(leaf)
             dummy = (torch.zeros(1, dtype=torch.long, device=leaf.device), run.sigmas[:1].to(leaf.device),
                      torch.zeros(1, *ad.latent_shape, device=leaf.device))
             for _ in range(len(chunks), _most_calls(run, len(chunks))):  # FSDP: join the others' collectives
-                _nft_chunk_loss(run, dummy, x0_all, cond_all, adv, leaves, snapshot, on_policy, (0, 1))
+                chunk_loss(run, dummy, x0_all, cond_all, adv, leaves, snapshot, on_policy, (0, 1))
             _apply_update(run)
     return stats_sum
 
 
-def _nft_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict, adv: Tensor,
-                    leaves: int, snapshot: Optional[dict], on_policy: bool, share: tuple[int, int]):
-    """DiffusionNFT's loss on some training points (local leaf indices ``[P]``, sigmas ``[P]``, noises ``[P, ...]``)
-    and its backward, weighted by their share ``(points, points in the update)`` (``(0, 1)`` for a process that only
-    joins the others' collectives; multiplied then divided, as the release did, so runs reproduce bit for bit);
-    returns the loss statistics."""
-    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+def _forward_inputs(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict,
+                    leaves: int) -> tuple[Tensor, Tensor, Tensor, dict, Tensor]:
+    """One chunk's clean latents ``x0`` (fp32), noised ``x_t = (1 - sigma) x0 + sigma eps`` (fp32), the model's input
+    (``x_t`` in the latents' dtype), the prompts' conditioning and the sigmas."""
     li, sg, noise = points
     x0 = x0_all[li].float()
     s_b = append_dims(sg, x0.ndim)
     x_t = (1 - s_b) * x0 + s_b * noise
     cond = {key: v[li // leaves] for key, v in cond_all.items()}
-    x_in = x_t.to(x0_all.dtype)
+    return x0, x_t, x_t.to(x0_all.dtype), cond, sg
+
+
+def _reference_velocity(run: Run, x_in: Tensor, sg: Tensor, cond: dict) -> Optional[Tensor]:
+    """The reference's (adapters off) velocity when ``train.kl_weight > 0``, else None."""
+    if run.cfg.train.kl_weight <= 0:
+        return None
+    with torch.no_grad(), run.adapter.reference():
+        return run.adapter.velocity(x_in, sg, cond, run.cfg.sampler.guidance_scale)
+
+
+def nft_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict, adv: Tensor,
+                   leaves: int, snapshot: Optional[dict], on_policy: bool, share: tuple[int, int]) -> dict[str, float]:
+    """DiffusionNFT's loss on some training points (local leaf indices ``[P]``, sigmas ``[P]``, noises ``[P, ...]``)
+    and its backward, weighted by their share ``(points, points in the update)`` (``(0, 1)`` for a process that only
+    joins the others' collectives; multiplied then divided, as the release did, so runs reproduce bit for bit);
+    returns the loss statistics."""
+    cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
+    x0, x_t, x_in, cond, sg = _forward_inputs(run, points, x0_all, cond_all, leaves)
     if not on_policy:  # before the graph of v is built: the swap writes the LoRA weights in place
         with torch.no_grad(), Swap(ad, snapshot):
             v_old = ad.velocity(x_in, sg, cond, s.guidance_scale)
     v = ad.velocity(x_in, sg, cond, s.guidance_scale)
     if on_policy:
         v_old = v.detach()
-    v_ref = None
-    if cfg.train.kl_weight > 0:
-        with torch.no_grad(), ad.reference():
-            v_ref = ad.velocity(x_in, sg, cond, s.guidance_scale)
-    loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[li], beta=cfg.train.nft_beta,
+    v_ref = _reference_velocity(run, x_in, sg, cond)
+    loss, st = nft_loss(v, v_old, x_t, x0, sg, adv.flatten()[points[0]], beta=cfg.train.nft_beta,
                         adv_max=cfg.train.adv_clip, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
     (loss * share[0] / share[1]).backward()
-    return st
+    return {name: getattr(st, name) for name in ("kl", "clip_frac", "old_dev", "policy_loss")}
+
+
+def awm_chunk_loss(run: Run, points: tuple[Tensor, Tensor, Tensor], x0_all: Tensor, cond_all: dict, adv: Tensor,
+                   leaves: int, snapshot: Optional[dict], on_policy: bool, share: tuple[int, int]) -> dict[str, float]:
+    """AWM's loss (``awm_loss`` with ``train.awm_weighting``) on some training points and its backward, weighted by
+    their share like ``nft_chunk_loss``. AWM needs no sampling-policy velocity (``snapshot``, ``on_policy`` unused)."""
+    cfg, ad = run.cfg, run.adapter
+    x0, _, x_in, cond, sg = _forward_inputs(run, points, x0_all, cond_all, leaves)
+    v = ad.velocity(x_in, sg, cond, cfg.sampler.guidance_scale)
+    v_ref = _reference_velocity(run, x_in, sg, cond)
+    loss, st = awm_loss(v, points[2], x0, sg, adv.flatten()[points[0]], adv_max=cfg.train.adv_clip,
+                        weighting=cfg.train.awm_weighting, kl_weight=cfg.train.kl_weight, v_ref=v_ref)
+    (loss * share[0] / share[1]).backward()
+    return {name: getattr(st, name) for name in ("kl", "clip_frac", "policy_loss")}
+
+
+OBJECTIVES: dict[str, Objective] = {"ppo": ClippedRatio(), "nft": ForwardProcess(nft_chunk_loss),
+                                    "awm": ForwardProcess(awm_chunk_loss)}
+"""``train.objective`` -> its objective: ``ppo`` (clipped ratio on SDE transitions), ``nft`` (DiffusionNFT) and
+``awm`` (Advantage Weighted Matching). Register a new one here."""
 
 
 def ema_update(run: Run, state: TrainState) -> None:

@@ -72,7 +72,7 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
     batch = trainer.collect(run, 0)
     kept = batch.rollout.kept.flatten().nonzero().flatten().tolist()
     seeds = [trainer.mix_seed(run.cfg.train.seed, 0, i) for i in kept]
-    velocity, opts = trainer._velocity(run, s.guidance_scale), trainer._rollout_options(run)
+    velocity, opts = trainer._velocity(run, s.guidance_scale), trainer._rollout_options(run, 0)
     with torch.no_grad():
         direct = tree_rollout(velocity, run.schedule, run.sigmas, seeds, run.adapter.latent_shape,
                               cond=run.adapter.encode([batch.prompts[i] for i in kept]), max_batch=run.minibatch,

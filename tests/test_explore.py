@@ -113,7 +113,7 @@ def test_regeneration_reproduces_the_full_precision_trajectories_of_the_kept_see
     with torch.no_grad():
         direct = tree_rollout(trainer._velocity(run, s.guidance_scale), run.schedule, run.sigmas, seeds,
                               run.adapter.latent_shape, cond=run.adapter.encode(prompts), max_batch=run.minibatch,
-                              **trainer._rollout_options(run))
+                              **trainer._rollout_options(run, 0))
     assert torch.equal(batch.rollout.leaves[kept], direct.leaves[:, 0])
     for field in ("x", "x_next", "mean", "log_prob", "std"):
         assert torch.equal(getattr(batch.rollout.transitions, field), getattr(direct.transitions, field)), field

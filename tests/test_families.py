@@ -248,3 +248,24 @@ def test_offload_moves_encoders_and_vae_to_the_device_only_while_they_work(monke
     moves.clear()
     sample(adapter, PROMPTS, seed=3, steps=2, guidance=4.5)
     assert moves == [("vae", "cpu")] * 2  # cached prompt embeddings: the encoder stays on the CPU
+
+
+def test_wan22_lora_loaded_for_inference_reproduces_the_trained_policy(tmp_path):
+    """Both experts' LoRAs load (``load_lora``, what ``diffrl sample/eval/guide --lora`` call): the samples equal
+    the trained adapter's; with the second expert's folder dropped they do not."""
+    import shutil
+
+    adapter = _adapter("wan", tiny_wan_pipeline(two_experts=True))
+    adapter.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for i, p in enumerate(adapter.trainable_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    adapter.save_lora(str(tmp_path / "lora"))
+    trained = sample(adapter, PROMPTS, 3, 4, 4.5)
+    fresh = _adapter("wan", tiny_wan_pipeline(two_experts=True))
+    fresh.load_lora(str(tmp_path / "lora"))
+    torch.testing.assert_close(sample(fresh, PROMPTS, 3, 4, 4.5), trained, rtol=1e-4, atol=1e-5)
+    shutil.rmtree(tmp_path / "lora" / "transformer_2")
+    one = _adapter("wan", tiny_wan_pipeline(two_experts=True))
+    one.load_lora(str(tmp_path / "lora"))
+    assert (sample(one, PROMPTS, 3, 4, 4.5) - trained).abs().max() > 1e-3

@@ -103,3 +103,18 @@ def test_ratio_norm_removes_the_mean_shift_bias():
     normed = ratio_norm_log_ratio(lr, new_mean, old_mean, torch.full((n,), s), d)
     assert abs(normed.mean().item()) < 0.002
     torch.testing.assert_close(normed, s * (lr + delta**2 / (2 * s**2)))
+
+
+def test_flow_grpo_kl_convention_is_the_exact_kl_times_dsigma_by_hand():
+    """Hand-worked: mu - mu_ref = 0.3 in every element, the flow SDE's std 0.1 at a step with dsigma 0.05, so
+    sigma_t^2 = std^2 / dsigma = 0.2. Exact KL per element 0.09 / (2 * 0.01) = 4.5; Flow-GRPO's 0.09 / (2 * 0.2)
+    = 0.225."""
+    from diffrl.loss import kl_convention_scale
+
+    mean, ref = torch.full((1, 4), 0.3), torch.zeros(1, 4)
+    std, sigma, sigma_next = torch.tensor([0.1]), torch.tensor([0.55]), torch.tensor([0.5])
+    lp = torch.zeros(1)
+    for convention, expected in (("exact", 4.5), ("flow_grpo", 0.225)):
+        _, stats = policy_loss(lp, lp, torch.zeros(1), clip_range=0.2, num_elements=4, kl_weight=1.0, mean=mean,
+                               ref_mean=ref, std=std, kl_scale=kl_convention_scale(sigma, sigma_next, convention))
+        assert stats.kl == pytest.approx(expected, rel=1e-5)

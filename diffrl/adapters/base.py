@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ class ModelLoadError(RuntimeError):
     """The model path or hub id cannot be loaded; the message says which and why."""
 
 
+log = logging.getLogger("diffrl")
 DENOISERS = ("transformer", "transformer_2")
 _META_DENOISERS = contextvars.ContextVar("meta_denoisers", default=False)
 
@@ -422,6 +424,35 @@ class DiffusersAdapter:
         for name, part in self._split(state or self.trained_state_dict()).items():
             out = directory if name == "transformer" else str(Path(directory) / name)
             type(self.pipe).save_lora_weights(out, transformer_lora_layers=part, safe_serialization=True)
+
+    FAMILY_GUIDANCE: tuple[str, ...] = ()
+    """The family's own guidance scales besides ``guidance_scale`` (``sampler.family_guidance``, ``--guidance-2``,
+    ``--audio-guidance``): Wan 2.2's ``guidance_scale_2``, LTX-2's ``audio_guidance_scale``."""
+
+    def set_family_guidance(self, scales: dict[str, float]) -> None:
+        """Set the family's own guidance scales (names in ``FAMILY_GUIDANCE``); ValueError in one sentence for a
+        name this family does not have."""
+        unknown = sorted(set(scales) - set(self.FAMILY_GUIDANCE))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no guidance scale {unknown}; its own are "
+                             f"{list(self.FAMILY_GUIDANCE) or 'none (only guidance_scale)'}")
+        for name, value in scales.items():
+            setattr(self, name, float(value))
+
+    def load_lora(self, directory: str) -> None:
+        """Load a LoRA folder laid out as ``save_lora`` writes it into every denoiser, adapters left toggleable:
+        ``directory`` into ``transformer`` and ``directory/transformer_2`` into a second expert (Wan 2.2; a folder
+        without it leaves that expert as the base, with a warning)."""
+        self.pipe.load_lora_weights(directory)
+        for name in self.denoisers:
+            if name == "transformer":
+                continue
+            folder = Path(directory) / name
+            if folder.is_dir():
+                self.pipe.load_lora_weights(str(folder), **{f"load_into_{name}": True})
+            else:
+                log.warning("%s holds no LoRA for %s (%s/): that expert samples as the base model", directory,
+                            name, name)
 
     @contextlib.contextmanager
     def _swapped_in(self, state: Optional[dict[str, Tensor]]) -> Iterator[None]:

@@ -24,6 +24,8 @@ class LTX2Adapter(DiffusersAdapter):
     """Wraps an ``LTX2Pipeline``. Conditioning is the connectors' output per prompt:
     ``{"video_text": [n, L, D], "audio_text": [n, L, D], "mask": [n, L]}``."""
 
+    FAMILY_GUIDANCE = ("audio_guidance_scale",)
+
     def __init__(self, pipe, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 1024,
                  resolution: Optional[int] = None, num_frames: Optional[int] = None, frame_rate: float = 24.0,
                  audio_guidance_scale: Optional[float] = None):

@@ -21,6 +21,8 @@ from diffrl.adapters.base import DiffusersAdapter, load_pipeline
 class WanAdapter(DiffusersAdapter):
     """Wraps a ``WanPipeline``. Conditioning is ``{"embeds": [n, L, D]}``."""
 
+    FAMILY_GUIDANCE = ("guidance_scale_2",)
+
     def __init__(self, pipe, device: str = "cpu", dtype: str = "float32", max_sequence_length: int = 226,
                  resolution: Optional[int] = None, num_frames: Optional[int] = None,
                  guidance_scale_2: Optional[float] = None):
