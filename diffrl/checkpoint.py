@@ -58,8 +58,8 @@ def _write_error(run_dir: Path, tmp: Path, final: Path, error: Exception) -> Che
 def prune(run_dir: Path, final: Path) -> None:
     """Keep ``final`` (just written) and the ``KEEP - 1`` newest checkpoints before it; checkpoints of later steps
     belong to no live history (a run resumes from its newest), so they go too."""
-    older = sorted(p for p in run_dir.glob("checkpoint-*") if p.name < final.name)
-    later = [p for p in run_dir.glob("checkpoint-*") if p.name > final.name]
+    found = sorted(run_dir.glob("checkpoint-*"))
+    older, later = [p for p in found if p.name < final.name], [p for p in found if p.name > final.name]
     for old in older[: max(0, len(older) - (KEEP - 1))] + later:
         shutil.rmtree(old, ignore_errors=True)
 

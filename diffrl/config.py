@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import typing
@@ -105,7 +106,8 @@ class PruningConfig:
     depths: list[int] = field(default_factory=list)
     """Child depths whose edges are not trained (depth k + 1 is the edge of denoising step k); empty: off."""
     depth_interval: Optional[int] = None
-    """Slide the pruned depths one depth shallower every this many RL steps, down to ``depth_stop``; None: fixed."""
+    """Slide the pruned depths one depth shallower every this many RL steps, down to ``depth_stop``; None: fixed.
+    Range: [1, inf)."""
     depth_stop: Optional[int] = None
     """The shallowest depth the sliding window reaches; None: the depth of the last split's children."""
     until: float = 1.0
@@ -295,7 +297,8 @@ RANGES: dict[str, str] = {
     "train.kl_weight": "[0, inf)", "train.adv_clip": "(0, inf)", "train.rollout_chunks": "[1, 100000]",
     "train.reward_timeout_s": "(0, inf)", "train.minibatch": "[1, 1000000]", "train.tokens_per_batch": "[1, inf)",
     "train.inner_epochs": "[1, 1000]", "train.updates_per_epoch": "[1, 1000000]", "train.max_grad_norm": "(0, inf)",
-    "train.ema_decay": "[0, 1)",
+    "train.ema_decay": "[0, 1)", "train.pruning.width_ratio": "(0, 1]", "train.pruning.until": "[0, 1]",
+    "train.pruning.depth_interval": "[1, inf)",
     "explore.candidates": "[1, 1000]", "explore.keep": "[1, 1000000]", "explore.preview_steps": "[1, 1000]",
     "explore.min_dim": "[0, inf)",
     "data.eval_size": "[1, 100000]", "data.eval_seeds": "[1, 1000]",
@@ -319,8 +322,7 @@ def _range_errors(cfg: Config, where: str) -> list[str]:
     """A sentence for every numeric key (``RANGES``) that is not finite or lies outside its interval."""
     errors = []
     for key, spec in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = functools.reduce(getattr, key.split("."), cfg)
         if value is not None and not (math.isfinite(value) and _in_range(value, spec)):
             errors.append(f"{where}: '{key}' must be a finite number in {spec}, got {value}")
     return errors
@@ -509,15 +511,9 @@ def _pruning_errors(cfg: Config, per_leaf: bool, where: str) -> list[str]:
     p, errors = cfg.train.pruning, []
     if p.width not in (None, "topk", "best_worst"):
         errors.append(f"{where}: 'train.pruning.width' must be topk, best_worst or null, got {p.width!r}")
-    if not (math.isfinite(p.width_ratio) and 0 < p.width_ratio <= 1):
-        errors.append(f"{where}: 'train.pruning.width_ratio' must be in (0, 1], got {p.width_ratio}")
-    if not (math.isfinite(p.until) and 0 <= p.until <= 1):
-        errors.append(f"{where}: 'train.pruning.until' must be in [0, 1], got {p.until}")
     bad = [d for d in p.depths if not 1 <= d <= cfg.sampler.num_steps]
     if bad:
         errors.append(f"{where}: 'train.pruning.depths' {bad} are not edge depths 1..{cfg.sampler.num_steps}")
-    if p.depth_interval is not None and p.depth_interval < 1:
-        errors.append(f"{where}: 'train.pruning.depth_interval' must be >= 1, got {p.depth_interval}")
     if (p.width or p.depths) and per_leaf:
         errors.append(f"{where}: 'train.pruning' leaves edges out of the clipped-ratio update: it needs "
                       f"'train.objective' ppo, not {cfg.train.objective}")

@@ -197,13 +197,15 @@ def _kl_scale(run: Run, tr, edges: Tensor) -> Optional[Tensor]:
     return kl_convention_scale(tr.sigma[edges], tr.sigma_next[edges], run.cfg.train.kl_convention)
 
 
-def _ratio_norm(run: Run, tr, edges: Tensor) -> dict:
+def _ratio_norm(run: Run, tr, edges: Tensor, old_mean: Optional[Tensor] = None) -> dict:
     """``policy_loss``'s GRPO-Guard options for these edges (all of one step) when ``train.ratio_norm``: RatioNorm
-    against the rollout-time kernel mean, and the surrogate re-weighted by 1 / |dt| of the step; none otherwise."""
+    against the rollout-time kernel mean (``old_mean``, default the edges' whole ``tr.mean``; a stream passes its
+    slice), and the surrogate re-weighted by 1 / |dt| of the step; none otherwise."""
     if not run.cfg.train.ratio_norm:
         return {}
     dt = float(tr.sigma[edges[0]] - tr.sigma_next[edges[0]])
-    return {"ratio_norm": True, "old_mean": tr.mean[edges], "policy_scale": 1.0 / max(dt, 1e-12)}
+    return {"ratio_norm": True, "old_mean": tr.mean[edges] if old_mean is None else old_mean,
+            "policy_scale": 1.0 / max(dt, 1e-12)}
 
 
 def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Tensor, ref_mean: Optional[Tensor],
@@ -222,9 +224,7 @@ def _stream_losses(run: Run, tr, adv: dict[str, Tensor], edges: Tensor, mean: Te
         new_lp = gaussian_log_prob(x_next[:, sl], mean[:, sl], std)
         old_lp = gaussian_log_prob(x_next[:, sl], old_mean[:, sl], std)
         ref = None if ref_mean is None else ref_mean.flatten(1)[:, sl]
-        norm = _ratio_norm(run, tr, edges)
-        if norm:
-            norm["old_mean"] = old_mean[:, sl]
+        norm = _ratio_norm(run, tr, edges, old_mean[:, sl])
         l_m, st = policy_loss(new_lp, old_lp, adv[name][edges], clip_range=cfg.train.clip_range, num_elements=d,
                               kl_weight=cfg.train.kl_weight, mean=mean[:, sl], ref_mean=ref, std=std,
                               kl_scale=_kl_scale(run, tr, edges), **norm)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffrl import checkpoint, cli, rundir
-from diffrl.config import RANGES, ConfigError, load_config
+from diffrl.config import RANGES, Config, ConfigError, load_config
 from diffrl.guard import NonFiniteError, check_finite
 from diffrl.scoring import submit
 from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV
@@ -232,11 +232,12 @@ def test_every_range_is_stated_in_its_field_docstring():
         for node, after in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
                 docs[(cls.name, node.target.id)] = after.value.value
-    sections = {"model": "ModelConfig", "sampler": "SamplerConfig", "train": "TrainConfig", "explore": "ExploreConfig",
-                "data": "DataConfig", "log": "LogConfig"}
     for key, spec in RANGES.items():
-        section, name = key.split(".")
-        assert f"Range: {spec}." in docs.get((sections[section], name), ""), key
+        *path, name = key.split(".")
+        owner = Config()
+        for part in path:  # the dataclass holding the field, nested ones (train.pruning) too
+            owner = getattr(owner, part)
+        assert f"Range: {spec}." in docs.get((type(owner).__name__, name), ""), key
 
 
 def test_a_huge_config_file_is_refused_unread(tmp_path):
