@@ -6,6 +6,7 @@ that has one member) gives advantage exactly 0, never NaN.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -55,11 +56,16 @@ def group_advantages(
     return clip_advantages(_zscore(rewards, mean, std, eps), clip)
 
 
-def rloo_advantages(rewards: Tensor, group_ids: Tensor, *, clip: Optional[float] = None) -> Tensor:
+def rloo_advantages(rewards: Tensor, group_ids: Tensor, *, clip: Optional[float] = None,
+                    valid: Optional[Tensor] = None) -> Tensor:
     """Leave-one-out baseline: A_i = R_i - mean_{j != i, g(j) = g(i)} R_j = n (R_i - mean_g) / (n - 1).
 
-    Groups of one give 0. Not normalised by a std.
+    Groups of one give 0. Not normalised by a std. ``valid`` ``[B]`` bool as in ``group_advantages``.
     """
+    if valid is not None:
+        out = torch.zeros_like(rewards)
+        out[valid] = rloo_advantages(rewards[valid], group_ids[valid], clip=clip)
+        return out
     mean, _, count = _group_stats(rewards, group_ids)
     adv = torch.where(count > 1, count * (rewards.double() - mean) / (count - 1).clamp_min(1), 0.0)
     return clip_advantages(adv.to(rewards.dtype), clip)
@@ -103,43 +109,6 @@ def gdpo_advantages(
     weights = _check_rewards(rewards_by_name, weights)
     total = sum(weights[k] * group_advantages(r, group_ids, eps=eps) for k, r in rewards_by_name.items())
     return clip_advantages(batch_normalize(total, eps) if batch_norm else total, clip)
-
-
-def summed_reward_advantages(
-    rewards_by_name: Mapping[str, Tensor], group_ids: Tensor, weights: Optional[Mapping[str, float]] = None, **kw
-) -> Tensor:
-    """Plain GRPO on the weighted sum of rewards (Flow-GRPO, DiffusionNFT): group z-score of sum_k w_k R_k."""
-    weights = _check_rewards(rewards_by_name, weights)
-    return group_advantages(sum(weights[k] * r for k, r in rewards_by_name.items()), group_ids, **kw)
-
-
-def route_advantages(
-    rewards_by_name: Mapping[str, Tensor],
-    group_ids: Tensor,
-    routing: Mapping[str, Sequence[str]],
-    weights: Optional[Mapping[str, float]] = None,
-    *,
-    batch_norm: bool = False,
-    eps: float = 1e-4,
-    clip: Optional[float] = None,
-) -> dict[str, Tensor]:
-    """Modality routing (OmniNFT branch-aware): each modality gets A^m = sum_{k routed to m} w_k z_k.
-
-    routing: reward name -> the modalities it drives, e.g. ``{"aesthetic": ["video"], "av_sync": ["video",
-    "audio"]}``. Returns modality -> ``[B]``. Every reward must be routed; a modality named nowhere is absent.
-    """
-    weights = _check_rewards(rewards_by_name, weights)
-    unrouted = sorted(set(rewards_by_name) - set(routing))
-    if unrouted:
-        raise ValueError(f"rewards {unrouted} are not routed to any modality; add them to the routing")
-    z = {k: group_advantages(r, group_ids, eps=eps) for k, r in rewards_by_name.items()}
-    out: dict[str, Tensor] = {}
-    for name, modalities in routing.items():
-        if name not in rewards_by_name:
-            raise ValueError(f"routing names reward {name!r}, which is not among {sorted(rewards_by_name)}")
-        for m in modalities:
-            out[m] = out.get(m, 0) + weights[name] * z[name]
-    return {m: clip_advantages(batch_normalize(a, eps) if batch_norm else a, clip) for m, a in out.items()}
 
 
 def tree_node_values(
@@ -197,5 +166,145 @@ def depthwise_advantages(
     return out.reshape(n_trees, n_nodes)
 
 
-ESTIMATORS: dict[str, Callable[..., Tensor]] = {"grpo": group_advantages, "rloo": rloo_advantages}
-MULTI_REWARD: dict[str, Callable[..., Tensor]] = {"gdpo": gdpo_advantages, "sum": summed_reward_advantages}
+def fill_invalid(values: Tensor, valid: Tensor, group_ids: Tensor) -> Tensor:
+    """Invalid entries take their group's mean valid value (0 for a group with none), so they move no group
+    statistic. values, valid (bool), group_ids: the same shape, e.g. ``[T, L]``."""
+    n = int(group_ids.max()) + 1
+    means = torch.zeros(n, device=values.device).index_add_(0, group_ids[valid], values[valid].float())
+    counts = torch.zeros(n, device=values.device).index_add_(0, group_ids[valid], torch.ones_like(values[valid]).float())
+    return torch.where(valid, values, (means / counts.clamp_min(1))[group_ids].to(values.dtype))
+
+
+def leaf_means(leaf_values: Tensor, schedule: TreeSchedule, valid: Optional[Tensor] = None) -> Tensor:
+    """``[T, L]`` -> ``[T, N]``: each node's mean over the (valid) leaves below it; 0 for a node with no valid leaf
+    below. A leaf node's value is its own (0 if invalid)."""
+    m = schedule.leaf_matrix.to(leaf_values.device).to(leaf_values.dtype)
+    if valid is None:
+        return (leaf_values @ m.T) / m.sum(1)
+    w = valid.to(leaf_values.dtype)
+    den = w @ m.T
+    return torch.where(den > 0, ((leaf_values * w) @ m.T) / den.clamp_min(1), torch.zeros_like(den))
+
+
+@dataclass(frozen=True)
+class LeafValues:
+    """What an aggregation makes of the rewards and an estimator turns into advantages.
+
+    values: ``[T, L]``, one row per tree (every process's trees), one value per leaf; an invalid leaf (its reward
+    failed) holds a value that moves no group statistic. valid: ``[T, L]`` bool, the leaves whose rewards count.
+    groups: ``[T]`` prompt ids; the trees of one prompt form one group. normalized: the values are group-normalised
+    advantages already (GDPO), which a group-relative estimator must not normalise a second time.
+    """
+
+    values: Tensor
+    valid: Tensor
+    groups: Tensor
+    normalized: bool = False
+
+    @property
+    def leaf_groups(self) -> Tensor:
+        """``[T, L]``: every leaf's prompt id."""
+        return self.groups[:, None].expand_as(self.values)
+
+
+@dataclass(frozen=True)
+class Trees:
+    """The rollouts' shape, for estimators that read it: the tree ``schedule``, the node ``fusion`` of the depth-wise
+    estimator (``mean`` or ``path_prob``) and, for ``path_prob``, every node's log-prob given its parent
+    ``edge_log_probs`` ``[T, N]``."""
+
+    schedule: TreeSchedule
+    fusion: str = "mean"
+    edge_log_probs: Optional[Tensor] = None
+
+
+Aggregation = Callable[[Mapping[str, Tensor], Mapping[str, float], Tensor, Tensor], LeafValues]
+"""(scores ``{name: [T, L]}``, weights ``{name: w}``, valid ``[T, L]``, groups ``[T]``) -> LeafValues."""
+
+Estimator = Callable[[LeafValues, Trees], Tensor]
+"""(LeafValues, Trees) -> node advantages ``[T, N]``: the edge parent -> child trains with the child's advantage, a
+per-leaf objective with the leaves' (``schedule.leaves``); a node with no valid leaf below gets 0."""
+
+
+def weighted_sum(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor,
+                 groups: Tensor) -> LeafValues:
+    """``reward_aggregation: sum`` (Flow-GRPO, DiffusionNFT): each leaf's value is sum_k w_k R_k; invalid leaves take
+    their group's mean valid value."""
+    weights = _check_rewards(scores, weights)
+    total = sum(weights[k] * r for k, r in scores.items())
+    return LeafValues(fill_invalid(total, valid, groups[:, None].expand_as(total)), valid, groups)
+
+
+def gdpo(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor, groups: Tensor) -> LeafValues:
+    """``reward_aggregation: gdpo`` (GDPO, arXiv 2601.05242): each valid leaf's value is the decoupled advantage
+    BN(sum_k w_k z_k) over the valid leaves (``gdpo_advantages``), invalid leaves 0. Already normalised."""
+    leaf_groups = groups[:, None].expand_as(valid)
+    out = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    out[valid] = gdpo_advantages({k: s[valid] for k, s in scores.items()}, leaf_groups[valid], weights).float()
+    return LeafValues(out, valid, groups, normalized=True)
+
+
+def group_zscore(leaves: LeafValues, trees: Trees) -> Tensor:
+    """``advantage: grpo`` (Flow-GRPO): every leaf's group z-score (or GDPO's advantage as it is), then each node
+    the mean of the valid leaves below it (every chain of a flat rollout is one leaf)."""
+    v = leaves.values
+    adv = v if leaves.normalized else group_advantages(
+        v.flatten(), leaves.leaf_groups.flatten(), valid=leaves.valid.flatten()).reshape(v.shape)
+    return leaf_means(adv, trees.schedule, leaves.valid)
+
+
+def leave_one_out(leaves: LeafValues, trees: Trees) -> Tensor:
+    """``advantage: rloo``: every valid leaf's value minus the mean of its group's other valid leaves, then node
+    means as ``group_zscore``."""
+    v = leaves.values
+    adv = rloo_advantages(v.flatten(), leaves.leaf_groups.flatten(), valid=leaves.valid.flatten()).reshape(v.shape)
+    return leaf_means(adv, trees.schedule, leaves.valid)
+
+
+def depth_wise(leaves: LeafValues, trees: Trees) -> Tensor:
+    """``advantage: tree`` (BranchGRPO): node values fused from the leaves (``mean`` of the valid leaves below, or
+    ``path_prob``: ``tree_node_values``' probability fusion), then each node's z-score among the nodes of its depth
+    in its prompt's trees (``depthwise_advantages``); only nodes above a valid leaf take part."""
+    sched = trees.schedule
+    if trees.fusion == "mean":
+        values = leaf_means(leaves.values, sched, leaves.valid)
+    elif trees.fusion == "path_prob":
+        if trees.edge_log_probs is None:
+            raise ValueError("path_prob fusion needs the edges' log-probs [trees, nodes]")
+        values = tree_node_values(leaves.values, sched, fusion="prob", edge_log_probs=trees.edge_log_probs)
+    else:
+        raise ValueError(f"tree fusion must be 'mean' or 'path_prob', got {trees.fusion!r}")
+    above_valid = (leaves.valid.float() @ sched.leaf_matrix.to(values.device).float().T) > 0
+    return depthwise_advantages(values, sched, tree_groups=leaves.groups, valid=above_valid)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {"sum": weighted_sum, "gdpo": gdpo}
+"""``train.reward_aggregation`` -> how several rewards become one value per leaf. Add an entry to offer another."""
+
+ESTIMATORS: dict[str, Estimator] = {"grpo": group_zscore, "rloo": leave_one_out, "tree": depth_wise}
+"""``train.advantage`` -> how leaf values become node advantages. Add an entry to offer another."""
+
+
+def node_advantages(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor, groups: Tensor,
+                    trees: Trees, *, aggregation: str = "sum", estimator: str = "grpo") -> Tensor:
+    """scores ``{name: [T, L]}`` -> node advantages ``[T, N]``: ``AGGREGATIONS[aggregation]`` then
+    ``ESTIMATORS[estimator]``."""
+    return ESTIMATORS[estimator](AGGREGATIONS[aggregation](scores, weights, valid, groups), trees)
+
+
+def routed_advantages(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor, groups: Tensor,
+                      trees: Trees, routing: Mapping[str, Sequence[str]], **kw: str) -> dict[str, Tensor]:
+    """Modality routing (OmniNFT branch-aware advantages) composed with any aggregation and estimator: each stream's
+    node advantages ``[T, N]`` come from the rewards routed to it alone (``node_advantages``), e.g. ``{"aesthetic":
+    ["video"], "av_sync": ["video", "audio"]}``. With ``gdpo`` a stream's leaf value is BN(sum_k w_k z_k) over its
+    rewards, OmniNFT's sum of per-reward z-scores renormalised over the batch. Every reward must be routed."""
+    unrouted = sorted(set(scores) - set(routing))
+    if unrouted:
+        raise ValueError(f"rewards {unrouted} are not routed to any modality; add them to the routing")
+    unknown = sorted(set(routing) - set(scores))
+    if unknown:
+        raise ValueError(f"routing names rewards {unknown}, which are not among {sorted(scores)}")
+    streams = sorted({m for ms in routing.values() for m in ms})
+    return {m: node_advantages({k: scores[k] for k in routing if m in routing[k]},
+                               {k: weights[k] for k in routing if m in routing[k]}, valid, groups, trees, **kw)
+            for m in streams}

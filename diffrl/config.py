@@ -155,7 +155,9 @@ class TrainConfig:
     adv_clip: float = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip] (DiffusionNFT's A_max). Range: (0, inf)."""
     advantage: str = "tree"
-    """tree (depth-wise), grpo or rloo (the last two on leaves)."""
+    """How leaf values become advantages (``diffrl.advantages.ESTIMATORS``): tree (BranchGRPO's depth-wise z-score of
+    every node), grpo (each leaf's group z-score; a node takes the mean of its leaves') or rloo (leave-one-out). A
+    per-leaf objective (nft, awm) trains on the leaves' advantages."""
     tree_fusion: str = "mean"
     """How ``advantage: tree`` values a node from its leaves (BranchGRPO's reward fusion): mean (of the leaves below)
     or path_prob (children weighted by the softmax of their transition log-probs)."""
@@ -168,11 +170,13 @@ class TrainConfig:
     """A reward still running after this many seconds on a batch fails that batch's samples (left out, warned).
     Range: (0, inf)."""
     reward_aggregation: str = "sum"
-    """sum (weighted rewards, then advantages) or gdpo (per-reward advantages, then weighted sum)."""
+    """How several rewards become one value per leaf (``diffrl.advantages.AGGREGATIONS``): sum (the weighted sum of
+    the rewards) or gdpo (GDPO's BN(sum_k w_k z_k): per-reward group z-scores, weighted, renormalised over the
+    batch; an advantage already, which grpo does not normalise again)."""
     reward_routing: dict[str, list[str]] = field(default_factory=dict)
     """Modality routing (OmniNFT, joint audio-video): reward name -> the latent streams its advantage trains, e.g.
-    ``{aesthetic: [video], av_sync: [video, audio]}``; each stream's log-prob gets the weighted sum of its rewards'
-    group z-scores. Empty: one advantage for the whole latent."""
+    ``{aesthetic: [video], av_sync: [video, audio]}``; each stream's log-prob trains with the advantage of its
+    rewards alone (aggregated and estimated as set above). Empty: one advantage for the whole latent."""
     minibatch: int = 64
     """Transitions per backward pass; gradients accumulate over the step's minibatches. Range: [1, 1000000]."""
     tokens_per_batch: Optional[int] = None
@@ -276,10 +280,10 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"), "model.attention": ("sdpa", "xformers"),
     "sampler.kind": ("flow", "dance", "cps"),
-    "sampler.window_schedule": ("fixed", "progressive", "decay", "exp_decay", "random"), "train.advantage": ("tree", "grpo", "rloo"),
+    "sampler.window_schedule": ("fixed", "progressive", "decay", "exp_decay", "random"),
     "train.lr_schedule": ("constant", "cosine", "linear"), "train.awm_weighting": ("ghuber", "uniform"),
-    "train.reward_aggregation": ("sum", "gdpo"),
-    "train.tree_fusion": ("mean", "path_prob"), "train.kl_convention": ("exact", "flow_grpo"), "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
+    "train.tree_fusion": ("mean", "path_prob"), "train.kl_convention": ("exact", "flow_grpo"),
+    "explore.precision": ("fp8", "fp8_tensor", "nvfp4", "mxfp4"),
     "explore.backend": ("auto", "emulated", "native"), "explore.preview": ("ode", "rollout"),
     "explore.select": ("best_worst", "mean_deviation", "max_variance", "random"),
 }
@@ -465,10 +469,12 @@ def validate(cfg: Config, where: str) -> list[str]:
     if leaves_per_step > MAX_LEAVES_PER_STEP:
         errors.append(f"{where}: a step of {leaves_per_step} rollouts ('train.prompts_per_step' x trees per prompt x "
                       f"leaves per tree) is more than {MAX_LEAVES_PER_STEP}: far beyond any run; check the sizes")
+    from diffrl.advantages import AGGREGATIONS, ESTIMATORS
     from diffrl.update import OBJECTIVES
 
-    if t.objective not in OBJECTIVES:
-        errors.append(f"{where}: 'train.objective' must be one of {list(OBJECTIVES)}, got {t.objective!r}")
+    for key, registry in (("objective", OBJECTIVES), ("advantage", ESTIMATORS), ("reward_aggregation", AGGREGATIONS)):
+        if getattr(t, key) not in registry:
+            errors.append(f"{where}: 'train.{key}' must be one of {list(registry)}, got {getattr(t, key)!r}")
     per_leaf = t.objective in OBJECTIVES and OBJECTIVES[t.objective].per_leaf
     if per_leaf and t.kl_convention != "exact":
         errors.append(f"{where}: 'train.kl_convention' scales the per-step Gaussian KL of ppo; {t.objective}'s KL is "
@@ -480,18 +486,16 @@ def validate(cfg: Config, where: str) -> list[str]:
     if t.tree_fusion == "path_prob" and (t.advantage != "tree" or cfg.explore.enabled):
         errors.append(f"{where}: 'train.tree_fusion' path_prob fuses tree nodes by every edge's log-prob: it needs "
                       "'train.advantage' tree and no 'explore' (which regenerates only some edges)")
-    if per_leaf and t.advantage == "tree":
-        errors.append(f"{where}: 'train.objective' {t.objective} trains on leaves: 'train.advantage' must be grpo or "
-                      "rloo, not tree (per-edge)")
     if t.reward_routing:
         unrouted = sorted(set(cfg.rewards) - set(t.reward_routing))
         if unrouted:
             errors.append(f"{where}: 'train.reward_routing' routes no stream for rewards {unrouted}")
         errors += [f"{where}: 'train.reward_routing.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                    for k in t.reward_routing if k not in cfg.rewards]
-        if t.objective != "ppo" or t.advantage != "grpo":
-            errors.append(f"{where}: 'train.reward_routing' needs 'train.objective' ppo and 'train.advantage' grpo "
-                          "(per-stream group z-scores)")
+        if per_leaf:
+            errors.append(f"{where}: 'train.reward_routing' trains each stream's log-probs with its own advantage: it "
+                          f"needs 'train.objective' ppo ({t.objective}'s loss is one velocity error for the whole "
+                          "latent)")
     if cfg.explore.enabled:
         errors += _explore_errors(cfg, leaves, where)
     if not cfg.rewards:
@@ -538,9 +542,9 @@ def _explore_errors(cfg: Config, leaves: int, where: str) -> list[str]:
     if t.trees_per_prompt != 1:
         errors.append(f"{where}: with 'explore.enabled', 'explore.candidates' sets the trees per prompt: leave "
                       "'train.trees_per_prompt' at 1")
-    if t.advantage == "rloo" or t.reward_routing or t.rollout_chunks > 1:
-        errors.append(f"{where}: 'explore.enabled' works with 'train.advantage' tree or grpo, without "
-                      "'train.reward_routing' and with 'train.rollout_chunks' 1")
+    if t.rollout_chunks > 1:
+        errors.append(f"{where}: 'explore.enabled' regenerates the selected candidates in one pass: leave "
+                      "'train.rollout_chunks' at 1")
     return errors
 
 

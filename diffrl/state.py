@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -16,6 +16,23 @@ from diffrl.explore import LowPrecisionPolicy
 from diffrl.prompts import PromptStream
 from diffrl.tree import TreeSchedule
 from diffrl.types import TreeRollout
+
+
+class Collector(Protocol):
+    """The seam between the loop and how its rollouts are made: plain SDE rollouts, or low-precision exploration
+    followed by full-precision regeneration, wrap the same loop."""
+
+    def collect(self, run: Run, step: int) -> Batch:
+        """This process's rollouts (and their media) for RL step ``step``."""
+
+    def expected_leaves(self, run: Run, valid: Tensor) -> int:
+        """Leaves rolled out and scored this step over all processes (``valid`` ``[trees, leaves]``)."""
+
+    def after_update(self, run: Run, batch: Batch, leaf_r: Tensor) -> dict:
+        """Called after the optimizer step (copies that follow the policy refresh here); returns metrics."""
+
+    def after_restore(self, run: Run) -> None:
+        """Called after a checkpoint's weights were loaded on resume."""
 
 
 @dataclass
@@ -38,6 +55,8 @@ class Run:
     world: int = 1
     explorer: Optional[LowPrecisionPolicy] = None
     """The low-precision exploration copy of the policy (``explore.enabled``)."""
+    collector: Optional[Collector] = None
+    """How the step's rollouts are made (``trainer.Rollouts``, or ``trainer.Exploration`` with ``explore.enabled``)."""
     evaluator: Optional[Callable] = None
     """How held-out samples are scored (``diffrl.evaluation``; ``data.evaluator``)."""
 

@@ -24,10 +24,7 @@ import rewards as reward_registry
 from diffrl import checkpoint, rundir
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
-from diffrl.advantages import (
-    clip_advantages, depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages, route_advantages,
-    tree_node_values,
-)
+from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
@@ -110,7 +107,7 @@ def build(cfg: Config, out: Path) -> Run:
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out if cfg.data.exclude_eval else ()),
                eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
-               explorer=explorer, evaluator=evaluator)
+               explorer=explorer, evaluator=evaluator, collector=Rollouts() if explorer is None else Exploration())
 
 
 def load_rewards(cfg: Config) -> dict[str, Callable]:
@@ -151,12 +148,49 @@ def _velocity(run: Run, guidance: float) -> Callable:
 
 
 def collect(run: Run, step: int) -> Batch:
+    """This process's rollouts for RL step ``step``, made by ``run.collector``."""
+    return run.collector.collect(run, step)
+
+
+class Rollouts:
+    """Full-precision SDE rollouts (``rollouts``): every leaf is rolled out, scored and trained."""
+
+    def collect(self, run: Run, step: int) -> Batch:
+        return rollouts(run, step)
+
+    def expected_leaves(self, run: Run, valid: Tensor) -> int:
+        return valid.numel()
+
+    def after_update(self, run: Run, batch: Batch, leaf_r: Tensor) -> dict:
+        return {}
+
+    def after_restore(self, run: Run) -> None:
+        pass
+
+
+class Exploration:
+    """Sol-RL exploration (``collect_explored``) with ``run.explorer``, the low-precision copy of the policy: only
+    ``explore.keep`` leaves per prompt are regenerated and scored; the copy follows every update and the resumed
+    weights, and each step logs its timings and the preview/regenerated rank agreement."""
+
+    def collect(self, run: Run, step: int) -> Batch:
+        return collect_explored(run, step)
+
+    def expected_leaves(self, run: Run, valid: Tensor) -> int:
+        return run.cfg.explore.keep * run.cfg.train.prompts_per_step
+
+    def after_update(self, run: Run, batch: Batch, leaf_r: Tensor) -> dict:
+        return {**_explore_metrics(run, batch, leaf_r), "refresh_s": round(run.explorer.refresh(), 4)}
+
+    def after_restore(self, run: Run) -> None:
+        run.explorer.refresh()  # the exploration copy was built before the checkpoint's LoRA was loaded
+
+
+def rollouts(run: Run, step: int) -> Batch:
     """Tree (or flat) SDE rollouts of this process's share of the step's prompts; every tree's seed derives from
     (seed, step, global tree index), so N processes roll out exactly the trees one process would. With
     ``train.rollout_chunks > 1`` the trees roll out chunk by chunk and each chunk is scored in a background thread
     while the next one rolls out."""
-    if run.explorer is not None:
-        return collect_explored(run, step)
     cfg, t0 = run.cfg, time.perf_counter()
     all_prompts, first, prompts, seeds = _step_trees(run, step, cfg.train.trees_per_prompt)
     n, s, leaves = len(prompts), cfg.sampler, run.schedule.num_leaves
@@ -276,86 +310,58 @@ def _prompt_groups(prompts: list[str], device: torch.device) -> Tensor:
 
 
 def advantage(run: Run, batch: Batch, leaf_r: Tensor, valid: Tensor, step: int,
-              scores: Optional[dict[str, Tensor]] = None) -> tuple[Union[Tensor, dict[str, Tensor]], Tensor]:
-    """Per-edge advantages ``[E]`` and the edges to train ``[E]`` bool; with ``train.reward_routing``, one ``[E]``
-    per modality (stream) from the per-reward scores ``{name: [trees * leaves]}`` (OmniNFT routing); for a per-leaf
-    objective (``Objective.per_leaf``: nft, awm), per-leaf advantages ``[trees, leaves]`` of this process's trees
-    and the leaves to train (the valid ones).
+              scores: dict[str, Tensor]) -> tuple[Union[Tensor, dict[str, Tensor]], Tensor]:
+    """What this process trains and with which advantages, for ``Objective.update``: per-edge advantages ``[E]``
+    and the edges to train ``[E]`` bool, or for a per-leaf objective (``Objective.per_leaf``: nft, awm) per-leaf
+    advantages ``[trees, leaves]`` of this process's trees and the leaves to train (the valid ones); with
+    ``train.reward_routing``, one advantage tensor per stream (OmniNFT routing).
 
-    The leaves' values are the weighted reward (``train.reward_aggregation: sum``) or GDPO's decoupled advantage
-    (``gdpo``); ``train.advantage`` turns them into advantages: ``tree`` (depth-wise, nodes fused by
-    ``train.tree_fusion``), ``grpo`` (group z-score; GDPO's values are advantages already) or ``rloo``. Invalid
-    leaves (a reward failed) take their group's mean valid value, so they move no statistic, and the edges that lead
-    only to invalid leaves are not trained; ``train.pruning`` drops more edges from the gradient.
+    The per-reward scores ``{name: [trees * leaves]}`` become leaf values (``advantages.AGGREGATIONS``, by
+    ``train.reward_aggregation``), then node advantages (``advantages.ESTIMATORS``, by ``train.advantage``; the
+    tree estimator fuses nodes by ``train.tree_fusion``). Edges that lead only to invalid leaves (a reward failed)
+    are not trained; ``train.pruning`` drops more edges from the gradient.
     """
     cfg, sched, tr = run.cfg, run.schedule, batch.rollout.transitions
     groups = _prompt_groups(batch.all_prompts, leaf_r.device)
-    leaf_groups = groups.repeat_interleave(sched.num_leaves).reshape(leaf_r.shape)
-    rows = batch.first_tree + tr.tree  # this process's trees among all
-    reaches_valid = (valid.float() @ sched.leaf_matrix.to(valid.device).float().T) > 0
-    mask = _train_mask(run, batch, step) & reaches_valid[rows, tr.child]
+    per_leaf = {k: v.reshape(leaf_r.shape) for k, v in scores.items()}
+    trees = Trees(sched, cfg.train.tree_fusion, _edge_log_probs(run, batch, leaf_r.device))
+    kw = {"aggregation": cfg.train.reward_aggregation, "estimator": cfg.train.advantage}
     if cfg.train.reward_routing:
-        if scores is None:
-            raise ValueError("train.reward_routing needs the per-reward scores")
-        filled = {k: _fill_invalid(v.reshape(leaf_r.shape), valid, leaf_groups).flatten() for k, v in scores.items()}
-        per_mod = route_advantages(filled, leaf_groups.flatten(), cfg.train.reward_routing, cfg.rewards)
-        adv = {name: clip_advantages(_node_means(a.reshape(leaf_r.shape), sched)[rows, tr.child], cfg.train.adv_clip)
-               for name, a in per_mod.items()}
-        return adv, mask
-    values = _leaf_values(run, leaf_r, valid, leaf_groups, scores)
-    if cfg.train.advantage == "tree":
-        node_adv = depthwise_advantages(_node_values(run, batch, values, valid), sched, tree_groups=groups,
-                                        valid=reaches_valid)
+        node_adv = routed_advantages(per_leaf, cfg.rewards, valid, groups, trees, cfg.train.reward_routing, **kw)
     else:
-        if cfg.train.advantage == "rloo":
-            leaf_adv = rloo_advantages(values.flatten(), leaf_groups.flatten())
-        elif cfg.train.reward_aggregation == "gdpo":
-            leaf_adv = values.flatten()
-        else:
-            leaf_adv = group_advantages(values.flatten(), leaf_groups.flatten(), valid=valid.flatten())
-        if objective(cfg.train.objective).per_leaf:
-            trees = batch.first_tree + torch.arange(len(batch.prompts), device=leaf_adv.device)
-            return leaf_adv.reshape(leaf_r.shape)[trees], valid[trees]
-        node_adv = _node_means(leaf_adv.reshape(leaf_r.shape), sched, valid)
+        node_adv = {"": node_advantages(per_leaf, cfg.rewards, valid, groups, trees, **kw)}
     if cfg.log.save_advantages and run.rank == 0:
-        save_file({"node_advantages": node_adv.cpu().contiguous()}, str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
-    local = values[batch.first_tree : batch.first_tree + len(batch.prompts)]
-    return clip_advantages(node_adv[rows, tr.child], cfg.train.adv_clip), mask & _pruning_mask(run, batch, local, step)
+        save_file({f"node_advantages{'_' + k if k else ''}": a.cpu().contiguous() for k, a in node_adv.items()},
+                  str(run.out / f"advantages_step{step + 1:05d}.safetensors"))
+    mine = batch.first_tree + torch.arange(len(batch.prompts), device=leaf_r.device)  # this process's trees
+    if objective(cfg.train.objective).per_leaf:
+        adv = {k: clip_advantages(a[:, sched.leaves][mine], cfg.train.adv_clip) for k, a in node_adv.items()}
+        return adv.get("", adv), valid[mine]
+    rows = batch.first_tree + tr.tree
+    reaches_valid = (valid.float() @ sched.leaf_matrix.to(valid.device).float().T) > 0
+    ranked = fill_invalid(leaf_r, valid, groups[:, None].expand_as(leaf_r))[mine]  # width pruning's ranking
+    mask = _train_mask(run, batch, step) & reaches_valid[rows, tr.child] & _pruning_mask(run, batch, ranked, step)
+    adv = {k: clip_advantages(a[rows, tr.child], cfg.train.adv_clip) for k, a in node_adv.items()}
+    return adv.get("", adv), mask
 
 
-def _leaf_values(run: Run, leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor,
-                 scores: Optional[dict[str, Tensor]]) -> Tensor:
-    """``[trees, leaves]``: the weighted reward with invalid leaves filled by their group's mean, or for
-    ``train.reward_aggregation: gdpo`` GDPO's advantage BN(sum_k w_k z_k) of the valid leaves (0 elsewhere;
-    ``advantages.gdpo_advantages``, GDPO arXiv 2601.05242)."""
-    if run.cfg.train.reward_aggregation != "gdpo":
-        return _fill_invalid(leaf_r, valid, leaf_groups)
-    if scores is None:
-        raise ValueError("train.reward_aggregation gdpo needs the per-reward scores")
-    v = valid.flatten()
-    out = torch.zeros_like(leaf_r).flatten()
-    out[v] = gdpo_advantages({k: s[v] for k, s in scores.items()}, leaf_groups.flatten()[v], run.cfg.rewards)
-    return out.reshape(leaf_r.shape)
-
-
-def _node_values(run: Run, batch: Batch, values: Tensor, valid: Tensor) -> Tensor:
-    """``[trees, nodes]`` node values fused from the leaves' (BranchGRPO's reward fusion): the mean of the valid
-    leaves below (``train.tree_fusion: mean``) or, ``path_prob``, each node's children weighted by the softmax of
-    their transition log-probs (``advantages.tree_node_values``; the edges' log-probs gathered from every process)."""
-    sched = run.schedule
-    if run.cfg.train.tree_fusion == "mean":
-        return _node_means(values, sched, valid)
+def _edge_log_probs(run: Run, batch: Batch, device: torch.device) -> Optional[Tensor]:
+    """``[trees, nodes]`` every node's log-prob given its parent, gathered from every process, for
+    ``train.tree_fusion: path_prob``; None otherwise."""
+    if run.cfg.train.tree_fusion != "path_prob":
+        return None
     tr = batch.rollout.transitions
-    local = torch.zeros(len(batch.prompts), sched.num_nodes, device=values.device)
-    local[tr.tree, tr.child] = tr.log_prob.to(local.device)
-    return tree_node_values(values, sched, fusion="prob", edge_log_probs=gather_rows(local))
+    local = torch.zeros(len(batch.prompts), run.schedule.num_nodes, device=device)
+    local[tr.tree, tr.child] = tr.log_prob.to(device)
+    return gather_rows(local)
 
 
 def _pruning_mask(run: Run, batch: Batch, local_values: Tensor, step: int) -> Tensor:
     """``[E]`` bool, the edges ``train.pruning`` keeps in the gradient (BranchGRPO; rollouts unchanged): width
-    pruning ranks each last split's sibling chains (or a tree's leaves) by their leaves' values ``[trees, leaves]``
-    of this process, depth pruning drops the edges into the given child depths (a window sliding towards
-    ``depth_stop`` every ``depth_interval`` steps); both only while step < ``until`` x ``train.steps``."""
+    pruning ranks each last split's sibling chains (or a tree's leaves) by their leaves' weighted rewards
+    ``[trees, leaves]`` of this process, depth pruning drops the edges into the given child depths (a window
+    sliding towards ``depth_stop`` every ``depth_interval`` steps); both only while step < ``until`` x
+    ``train.steps``."""
     p, tr = run.cfg.train.pruning, batch.rollout.transitions
     keep = torch.ones(len(tr.step), dtype=torch.bool, device=tr.step.device)
     if step >= p.until * run.cfg.train.steps:
@@ -367,25 +373,6 @@ def _pruning_mask(run: Run, batch: Batch, local_values: Tensor, step: int) -> Te
         stop = p.depth_stop if p.depth_stop is not None else (run.schedule.split_steps or [0])[-1] + 1
         keep &= depth_prune_mask(tr.depth.cpu(), p.depths, step, p.depth_interval, stop).to(keep.device)
     return keep
-
-
-def _node_means(leaf_values: Tensor, sched: TreeSchedule, valid: Optional[Tensor] = None) -> Tensor:
-    """``[trees, leaves]`` -> ``[trees, nodes]``: each node's mean over the (valid) leaves below it; 0 for a node
-    with no valid leaf below."""
-    m = sched.leaf_matrix.to(leaf_values.device).float()
-    if valid is None:
-        return (leaf_values @ m.T) / m.sum(1)
-    w = valid.float()
-    den = w @ m.T
-    return torch.where(den > 0, ((leaf_values * w) @ m.T) / den.clamp_min(1), torch.zeros_like(den))
-
-
-def _fill_invalid(leaf_r: Tensor, valid: Tensor, leaf_groups: Tensor) -> Tensor:
-    """Invalid leaves take their group's mean valid value (``[trees, leaves]`` each)."""
-    n = int(leaf_groups.max()) + 1
-    means = torch.zeros(n, device=leaf_r.device).index_add_(0, leaf_groups[valid], leaf_r[valid])
-    counts = torch.zeros(n, device=leaf_r.device).index_add_(0, leaf_groups[valid], torch.ones_like(leaf_r[valid]))
-    return torch.where(valid, leaf_r, (means / counts.clamp_min(1))[leaf_groups])
 
 
 def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
@@ -574,8 +561,7 @@ def begin(run: Run, resume: bool, changes: Optional[dict] = None) -> TrainState:
             checkpoint.atomic_write_text(run.out / "config.yaml", yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
             with open(run.out / "config_changes.jsonl", "a") as f:
                 f.write(json.dumps({"step": state.step, "changes": changes}) + "\n")
-        if run.explorer is not None:
-            run.explorer.refresh()  # the exploration copy was built before the checkpoint's LoRA was loaded
+        run.collector.after_restore(run)
         return state
     state = TrainState()
     if run.rank == 0:
@@ -618,25 +604,16 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     stats = mean_over_processes(optimize(run, batch, adv, mask, step), STATS, maxima=("ratio_dev",))
     check_finite("the loss statistics", stats)
     ema_update(run, state)
-    explored = {}
-    if run.explorer is not None:  # the copy follows the update; its metrics include what that cost
-        explored = {**_explore_metrics(run, batch, leaf_r), "refresh_s": round(run.explorer.refresh(), 4)}
+    collected = run.collector.after_update(run, batch, leaf_r)
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": lr,
             "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
             "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
-            "trained_edges": int(mask.sum()), "invalid": _expected_leaves(run, valid) - int(valid.sum()),
+            "trained_edges": int(mask.sum()), "invalid": run.collector.expected_leaves(run, valid) - int(valid.sum()),
             **({"sde_window": list(window)} if (window := sde_window(run.cfg, step)) else {}),
-            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **explored}
-
-
-def _expected_leaves(run: Run, valid: Tensor) -> int:
-    """Leaves that were rolled out and scored this step, over all processes (exploration regenerates only K per
-    prompt)."""
-    e = run.cfg.explore
-    return e.keep * run.cfg.train.prompts_per_step if run.explorer is not None else valid.numel()
+            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **collected}
 
 
 def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:

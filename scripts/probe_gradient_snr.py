@@ -51,8 +51,8 @@ def trainer_gradients(config: str, overrides: list[str], batches: int) -> tuple[
         grads, samples = [], 0
         for step in range(batches):
             batch = trainer.collect(run, step)
-            leaf_r, valid, _ = trainer.score(run, batch)
-            trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, step))
+            leaf_r, valid, scores = trainer.score(run, batch)
+            trainer.optimize(run, batch, *trainer.advantage(run, batch, leaf_r, valid, step, scores))
             grads.append(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
                                     for p in params]).clone())
             samples = len(batch.images)

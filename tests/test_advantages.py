@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from diffrl.advantages import (
+    AGGREGATIONS,
+    ESTIMATORS,
+    LeafValues,
+    Trees,
     batch_normalize,
     depthwise_advantages,
     gdpo_advantages,
     group_advantages,
+    node_advantages,
     rloo_advantages,
-    route_advantages,
-    summed_reward_advantages,
+    routed_advantages,
     tree_node_values,
 )
 from diffrl.tree import TreeSchedule
@@ -97,7 +101,7 @@ def test_gdpo_keeps_distinctions_that_summed_grpo_collapses():
     """Two binary rewards: GRPO on the sum ties samples 0 and 3; GDPO separates them (GDPO paper's argument)."""
     r = {"format": torch.tensor([1.0, 1.0, 0.0, 0.0]), "correct": torch.tensor([0.0, 0.0, 0.0, 1.0])}
     g = torch.zeros(4, dtype=torch.long)
-    summed = summed_reward_advantages(r, g)
+    summed = group_advantages(r["format"] + r["correct"], g)
     assert summed[0] == summed[3]
     gdpo = gdpo_advantages(r, g, batch_norm=False, eps=0.0)
     z_format = torch.tensor([1.0, 1.0, -1.0, -1.0])
@@ -117,15 +121,59 @@ def test_gdpo_weights_and_errors():
         gdpo_advantages(r, g, {"a": 1.0, "b": 1.0, "c": 1.0})
 
 
-def test_modality_routing_gives_each_stream_its_own_advantage():
-    r = {"aesthetic": torch.tensor([1.0, 0.0]), "audio_q": torch.tensor([0.0, 1.0]), "sync": torch.tensor([1.0, 1.0])}
-    g = torch.zeros(2, dtype=torch.long)
+FLAT = Trees(TreeSchedule(3))  # one chain per tree: every tree is one leaf, the node of depth 3
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "gdpo"])
+def test_modality_routing_gives_each_stream_the_advantage_of_its_own_rewards(aggregation):
+    """Two flat samples of one prompt: video sees aesthetic + sync (sync constant), audio sees audio_q + sync."""
+    r = {"aesthetic": torch.tensor([[1.0], [0.0]]), "audio_q": torch.tensor([[0.0], [1.0]]),
+         "sync": torch.tensor([[1.0], [1.0]])}
+    w, valid, g = {k: 1.0 for k in r}, torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, dtype=torch.long)
     routing = {"aesthetic": ["video"], "audio_q": ["audio"], "sync": ["video", "audio"]}
-    out = route_advantages(r, g, routing, eps=0.0)
-    torch.testing.assert_close(out["video"], torch.tensor([1.0, -1.0]))
-    torch.testing.assert_close(out["audio"], torch.tensor([-1.0, 1.0]))
+    out = routed_advantages(r, w, valid, g, FLAT, routing, aggregation=aggregation)
+    assert sorted(out) == ["audio", "video"]
+    torch.testing.assert_close(out["video"][:, -1], torch.tensor([1.0, -1.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["audio"][:, -1], torch.tensor([-1.0, 1.0]), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="not routed"):
-        route_advantages(r, g, {"aesthetic": ["video"]})
+        routed_advantages(r, w, valid, g, FLAT, {"aesthetic": ["video"]})
+
+
+def test_routing_composes_with_the_tree_estimator():
+    """One reward routed to a stream through the depth-wise estimator gives exactly the unrouted advantages."""
+    tree = Trees(small_tree())
+    r = {"a": torch.tensor([[1.0, 3.0, 5.0, 7.0]]), "b": torch.tensor([[0.0, 1.0, 0.0, 0.0]])}
+    valid, g = torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+    out = routed_advantages(r, {"a": 2.0, "b": 1.0}, valid, g, tree, {"a": ["video"], "b": ["audio"]},
+                            estimator="tree")
+    s5 = math.sqrt(5.0)
+    torch.testing.assert_close(out["video"], torch.tensor([[0.0, -1.0, 1.0, -3 / s5, -1 / s5, 1 / s5, 3 / s5]]))
+    torch.testing.assert_close(out["audio"], node_advantages({"b": r["b"]}, {"b": 1.0}, valid, g, tree,
+                                                             estimator="tree"))
+
+
+def test_every_registered_estimator_and_aggregation_by_hand():
+    """Four flat samples of one prompt, the last one's reward failed (invalid): it moves no statistic and gets 0."""
+    values = torch.tensor([[1.0], [2.0], [6.0], [100.0]])
+    valid = torch.tensor([[True], [True], [True], [False]])
+    g = torch.zeros(4, dtype=torch.long)
+    leaves = AGGREGATIONS["sum"]({"r": values}, {"r": 1.0}, valid, g)
+    torch.testing.assert_close(leaves.values.flatten(), torch.tensor([1.0, 2.0, 6.0, 3.0]))  # group mean filled in
+    std = math.sqrt(14 / 3)  # population std of 1, 2, 6 (mean 3)
+    torch.testing.assert_close(ESTIMATORS["grpo"](leaves, FLAT)[:, -1],
+                               torch.tensor([-2.0, -1.0, 3.0, 0.0]) / (std + 1e-4))
+    torch.testing.assert_close(ESTIMATORS["rloo"](leaves, FLAT)[:, -1], torch.tensor([-3.0, -1.5, 4.5, 0.0]))
+    torch.testing.assert_close(ESTIMATORS["tree"](leaves, FLAT)[:, -1], torch.tensor([-2.0, -1.0, 3.0, 0.0]) / std)
+    gdpo = AGGREGATIONS["gdpo"]({"r": values}, {"r": 1.0}, valid, g)
+    assert gdpo.normalized and gdpo.values[3, 0] == 0
+    expected = batch_normalize(group_advantages(values[:3, 0], g[:3]))
+    torch.testing.assert_close(gdpo.values[:3, 0], expected)
+    torch.testing.assert_close(ESTIMATORS["grpo"](gdpo, FLAT)[:3, -1], expected)  # not normalised a second time
+
+
+def test_leaf_values_know_their_groups():
+    lv = LeafValues(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([5, 7]))
+    assert lv.leaf_groups.tolist() == [[5, 5, 5], [7, 7, 7]]
 
 
 def test_batch_normalize_constant_is_zero():

@@ -73,25 +73,29 @@ def test_reward_options_go_with_a_named_reward(tmp_path):
         load_config(str(bad))
 
 
-def test_nft_objective_needs_leaf_advantages_and_a_positive_a_max(tmp_path):
+def test_nft_objective_needs_a_positive_a_max_and_a_known_estimator(tmp_path):
     p = write(tmp_path, "train:\n  objective: nft\n  advantage: tree\n  adv_clip: 0\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert "'train.objective' nft trains on leaves: 'train.advantage' must be grpo or rloo" in str(e.value)
     assert "'train.adv_clip' must be a finite number in (0, inf), got 0" in str(e.value)
     with pytest.raises(ConfigError, match="'train.objective' must be one of"):
         load_config(p, ["train.objective=dpo"])
+    with pytest.raises(ConfigError, match=r"'train.advantage' must be one of \['grpo', 'rloo', 'tree'\], got 'ppo'"):
+        load_config(p, ["train.advantage=ppo", "train.adv_clip=5"])
+    with pytest.raises(ConfigError, match=r"'train.reward_aggregation' must be one of \['sum', 'gdpo'\]"):
+        load_config(p, ["train.reward_aggregation=min", "train.adv_clip=5"])
 
 
-def test_reward_routing_must_route_every_reward_and_use_group_advantages(tmp_path):
+def test_reward_routing_must_route_every_reward_and_train_log_probs(tmp_path):
     p = write(tmp_path, "rewards: {aesthetic: 1.0, av_sync: 0.5}\n"
-                        "train:\n  advantage: tree\n  reward_routing: {av_sync: [video, audio], clip: [video]}\n")
+                        "train:\n  objective: nft\n  reward_routing: {av_sync: [video, audio], clip: [video]}\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
     assert "'train.reward_routing' routes no stream for rewards ['aesthetic']" in msg
     assert "'train.reward_routing.clip' names no reward in 'rewards'" in msg
-    assert "'train.reward_routing' needs 'train.objective' ppo and 'train.advantage' grpo" in msg
+    assert "'train.reward_routing' trains each stream's log-probs with its own advantage: it needs 'train.objective' " \
+           "ppo (nft's loss is one velocity error for the whole latent)" in msg
 
 
 def test_public_api_loads_the_main_job_config_and_exposes_train():

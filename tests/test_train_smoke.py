@@ -61,8 +61,8 @@ def test_repeated_updates_on_one_batch_raise_its_clipped_objective_for_the_rewar
                    f"train.advantage={advantage}")
     run = trainer.build(cfg, tmp_path)
     batch = trainer.collect(run, 0)
-    leaf_r, valid, _ = trainer.score(run, batch)
-    adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0)
+    leaf_r, valid, scores = trainer.score(run, batch)
+    adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
     first = optimize(run, batch, adv, mask)
     for _ in range(3):
         last = optimize(run, batch, adv, mask)
@@ -130,7 +130,8 @@ def test_nft_updates_fit_the_positive_leaves_and_unfit_the_negative_ones(tmp_pat
                    "train.kl_weight=0", "train.advantage=grpo", "train.objective=nft", "sampler.timestep_fraction=1.0")
     run = trainer.build(cfg, tmp_path)
     batch = trainer.collect(run, 0)
-    adv, mask = trainer.advantage(run, batch, *trainer.score(run, batch)[:2], 0)
+    leaf_r, valid, scores = trainer.score(run, batch)
+    adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
     leaf, sigma, eps = update.nft_points(run, batch, mask, 0)
     x0 = batch.rollout.leaves.flatten(0, 1)[leaf]
     cond = {k: v[leaf // mask.shape[1]] for k, v in run.adapter.encode(batch.prompts).items()}

@@ -95,6 +95,41 @@ def test_gdpo_is_the_libraries_gdpo_advantage_on_the_same_rewards(tmp_path):
     assert float(expected.std()) > 0.5  # batch-renormalised: unit spread, not the raw rewards
 
 
+def test_a_per_leaf_objective_on_trees_trains_the_depth_wise_advantages_of_its_leaves(tmp_path):
+    """nft with ``advantage: tree``: a leaf's advantage is its value's z-score among its prompt's leaves (the leaves'
+    depth), by hand from the rewards."""
+    cfg = load_config(TREE, [*TINY, BRIGHT, "train.objective=nft", "train.advantage=tree", "train.adv_clip=100"])
+    run, batch, leaf_r, valid, scores = _one_step(cfg, tmp_path)
+    adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
+    assert adv.shape == leaf_r.shape and mask.all()
+    mean, std = leaf_r.mean(1, keepdim=True), leaf_r.std(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(adv, (leaf_r - mean) / (std + 1e-8), rtol=1e-4, atol=1e-5)
+
+
+def test_an_estimator_added_to_the_registry_is_what_the_trainer_uses(tmp_path, monkeypatch):
+    """The seam: a new ``advantages.ESTIMATORS`` entry is a valid ``train.advantage`` and its node advantages are the
+    ones the edges train with (each edge the child's)."""
+    from diffrl import advantages
+
+    monkeypatch.setitem(advantages.ESTIMATORS, "depth", lambda leaves, trees: trees.schedule.depth.float().expand(
+        len(leaves.groups), -1).to(leaves.values.device))
+    cfg = load_config(TREE, [*TINY, BRIGHT, "train.advantage=depth", "train.adv_clip=100"])
+    run, batch, leaf_r, valid, scores = _one_step(cfg, tmp_path)
+    adv, _ = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
+    torch.testing.assert_close(adv, batch.rollout.transitions.depth.float())
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.advantage=rloo", "explore.enabled=true", "explore.candidates=2", "explore.keep=2"],
+    ["model.family=tests_helpers:TwoStreamSD3", "train.advantage=tree",
+     "train.reward_routing={'tests_helpers:brightness': [video, audio]}"],
+], ids=["rloo-with-exploration", "routing-with-tree-advantages"])
+def test_pairs_the_seams_made_compose_run_one_step(overrides, tmp_path):
+    train(load_config(TREE, [*TINY, BRIGHT, "train.steps=1", *overrides]), out=str(tmp_path))
+    m = metrics(tmp_path)[0]
+    assert m["trained_edges"] > 0 and m["first_ratio_dev"] == 0.0
+
+
 def test_gdpo_logs_the_reward_not_its_advantage(tmp_path):
     train(load_config(TREE, [*TINY, TWO_REWARDS, "train.steps=1", "train.reward_aggregation=gdpo"]), out=str(tmp_path))
     m = metrics(tmp_path)[0]
@@ -181,7 +216,8 @@ MATRIX = [(r, o, a, e) for r in ("tree", "flat") for o in ("ppo", "nft", "awm") 
 def test_every_combination_runs_one_step_or_is_refused_in_one_sentence(rollout, objective, aggregation, explore,
                                                                       tmp_path, capsys):
     """{tree, flat} x {clipped-ratio, NFT, AWM} x {sum, gdpo} x {exploration off, on}: all 24 compose (tree
-    rollouts train the per-leaf objectives with GRPO on their leaves); a refusal would have to be one sentence."""
+    rollouts with the depth-wise estimator; the per-leaf objectives train on its leaves' advantages); a refusal
+    would have to be one sentence."""
     from diffrl import cli
 
     args = [*TINY, TWO_REWARDS, "train.steps=1", f"train.objective={objective}",
@@ -189,7 +225,7 @@ def test_every_combination_runs_one_step_or_is_refused_in_one_sentence(rollout, 
     if rollout == "flat":
         args += ["sampler.split_steps=[]", "train.trees_per_prompt=2", "train.advantage=grpo"]
     else:
-        args += ["train.advantage=" + ("tree" if objective == "ppo" else "grpo")]
+        args += ["train.advantage=tree"]
     if explore:
         args += ["explore.enabled=true", "explore.candidates=2", "explore.keep=2", "train.trees_per_prompt=1"]
     code = cli.main(["train", TREE, "--out", str(tmp_path / "r"), *args])
