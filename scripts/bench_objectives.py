@@ -1,9 +1,11 @@
 """Objectives side by side on the main job: held-out strict accuracy gained and wall time per seed, each objective
 trained with the same config, steps and seeds (interleaved: seed 0 of every objective, then seed 1, ...).
 
-    python scripts/bench_objectives.py [--objectives nft awm] [--seeds 0 1 2] [--root DIR] [key=value ...]
+    python scripts/bench_objectives.py [--objectives nft awm awm:train.lr=0.01] [--seeds 0 1 2] [--root DIR]
+                                       [key=value ...]
 
-Each run is ``diffrl train configs/tiny_shapes.yaml train.seed=S train.objective=O`` in its own run directory.
+Each run is ``diffrl train configs/tiny_shapes.yaml train.seed=S train.objective=O`` in its own run directory; an
+objective written ``NAME:key=value,key=value`` is a variant with its own overrides (after the shared ones).
 Prints a markdown table (one row per run, then the means per objective and the ratios to the first objective's
 wall time) and ends with one JSON line.
 """
@@ -20,11 +22,13 @@ import time
 
 
 def run(objective: str, seed: int, root: str, overrides: list[str]) -> dict:
-    """One main-job run; its summary's accuracies and the wall time of the whole command."""
-    out = os.path.join(root, f"{objective}-seed{seed}")
+    """One main-job run of ``NAME[:key=value,...]``; its summary's accuracies and the wall time of the command."""
+    name, _, own = objective.partition(":")
+    out = os.path.join(root, f"{objective.replace(':', '_').replace('=', '-').replace(',', '_')}-seed{seed}")
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", f"train.seed={seed}",
-                    f"train.objective={objective}", *overrides, "--out", out, "--overwrite"], check=True)
+                    f"train.objective={name}", *overrides, *(own.split(",") if own else []), "--out", out,
+                    "--overwrite"], check=True)
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     return {"objective": objective, "seed": seed, "base": s["base_accuracy"], "final": s["final_accuracy"],
