@@ -1,4 +1,5 @@
-"""Rewards -> advantages (layer L1: pure torch). papers.md part 1 (a) GRPO, (c) BranchGRPO, (g) GDPO / OmniNFT.
+"""Rewards -> advantages (layer L1: pure torch). GRPO as in Flow-GRPO (arXiv 2505.05470), BranchGRPO
+(arXiv 2509.06040), GDPO (arXiv 2601.05242) / OmniNFT (arXiv 2605.12480).
 
 Conventions: rewards ``[B]`` float; ``group_ids`` ``[B]`` any integers (one id per prompt); standard deviations
 are population stds (``unbiased=False``, as Flow-GRPO's ``np.std``). A group whose rewards are all equal (or
@@ -101,7 +102,7 @@ def gdpo_advantages(
     eps: float = 1e-4,
     clip: Optional[float] = None,
 ) -> Tensor:
-    """GDPO decoupled multi-reward advantage: A = BN(sum_k w_k z_k), z_k = group z-score of reward k (papers.md (g)).
+    """GDPO (arXiv 2601.05242) decoupled multi-reward advantage: A = BN(sum_k w_k z_k), z_k = group z-score of reward k.
 
     rewards_by_name: name -> ``[B]``. weights: name -> float (all 1 when None). ``batch_norm=False`` gives the
     MixGRPO / OmniNFT variant (weighted sum of per-reward advantages, no batch renormalisation). Returns ``[B]``.
@@ -115,7 +116,7 @@ def tree_node_values(
     leaf_rewards: Tensor, schedule: TreeSchedule, *, fusion: str = "mean", edge_log_probs: Optional[Tensor] = None,
     alpha: float = 1.0,
 ) -> Tensor:
-    """Reward of every node of ``T`` trees from their leaves' rewards (BranchGRPO reward fusion, papers.md (c)).
+    """Reward of every node of ``T`` trees from their leaves' rewards (BranchGRPO reward fusion, arXiv 2509.06040).
 
     leaf_rewards: ``[T, L]``. fusion ``mean``: R(n) = mean of the rewards of n's leaves. fusion ``prob``:
     R(n) = sum_c softmax_c(alpha log pi(c | n)) R(c) over n's children, where ``edge_log_probs`` ``[T, N]`` holds

@@ -131,9 +131,9 @@ class TrainConfig:
     """Linear warm-up from lr / (warmup_steps + 1) over the first steps, then the schedule. Range: [0, inf)."""
     objective: str = "ppo"
     """ppo: clipped-ratio updates of the SDE transitions (Flow-GRPO, BranchGRPO); nft: DiffusionNFT's forward-process
-    objective on the leaves' clean latents (papers.md part 1 (i)); awm: Advantage Weighted Matching (advantage-weighted
-    flow matching on the same points). nft and awm noise each leaf at ``sampler.timestep_fraction`` of the rollout's
-    noise levels. Objectives are registered in ``diffrl.update.OBJECTIVES``."""
+    objective on the leaves' clean latents (arXiv 2509.16117); awm: Advantage Weighted Matching (arXiv 2509.25050;
+    advantage-weighted flow matching on the same points). nft and awm noise each leaf at ``sampler.timestep_fraction``
+    of the rollout's noise levels. Objectives are registered in ``diffrl.update.OBJECTIVES``."""
     awm_weighting: str = "ghuber"
     """AWM's per-sample weighting of the flow-matching error m: ghuber (sigma ((m + 1e-10)^0.25 - 1e-10^0.25) / 0.25,
     the release's default) or uniform (m, the paper's plain form)."""

@@ -1,4 +1,4 @@
-"""Low-precision exploration with exact regeneration (Sol-RL, papers.md part 1 (f)), for every adapter.
+"""Low-precision exploration with exact regeneration (Sol-RL, arXiv 2604.06916), for every adapter.
 
 A copy of the policy with its LoRA merged in runs on the FP8 / FP4 grid (``diffrl.quant``: emulated anywhere, torchao
 on GPUs that have the GEMMs). It previews many candidates per prompt cheaply; ``select_candidates`` keeps K per

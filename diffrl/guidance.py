@@ -1,4 +1,4 @@
-"""RL guidance and classifier-free guidance combines (layer L1: pure torch). papers.md part 1 (e).
+"""RL guidance and classifier-free guidance combines (layer L1: pure torch). RLG: arXiv 2508.21016.
 
 v_RLG = v_ref + w (v_rl - v_ref): w = 0 is the reference model, 1 the fine-tuned one, w > 1 extrapolates. Sampling
 with w is sampling from p_ref^(1 - w) p_rl^w, i.e. the KL-regularised optimum with KL weight beta / w.

@@ -1,4 +1,4 @@
-"""RL guidance at inference (RLG, papers.md part 1 (e)): dial a fine-tuned model's alignment up or down without
+"""RL guidance at inference (RLG, arXiv 2508.21016): dial a fine-tuned model's alignment up or down without
 retraining. ``v = v_ref + w (v_rl - v_ref)``, each model with its own classifier-free guidance; w = 0 is the
 reference, 1 the fine-tuned model, w > 1 extrapolates (sampling with w is the KL-regularised optimum at KL weight
 beta / w). The reference is the policy adapter with its LoRA switched off, or a second adapter (two full models

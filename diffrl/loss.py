@@ -1,4 +1,4 @@
-"""The denoising-step policy loss (layer L1: pure torch). papers.md part 1 (a).
+"""The denoising-step policy loss (layer L1: pure torch). Flow-GRPO: arXiv 2505.05470.
 
 Clip range convention. Log-probs are reduced over the ``D`` elements of a latent (mean by default, as the anchors
 do). Under a small policy change, the per-element log-ratios are independent, so the spread of the mean log-ratio
@@ -39,7 +39,7 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str = "m
 
 
 def ratio_norm_log_ratio(log_ratio: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor, num_elements: int) -> Tensor:
-    """GRPO-Guard RatioNorm (papers.md (a)): s [log_ratio + ||mean - old_mean||^2 / (2 D s^2)], s = std ``[E]``.
+    """GRPO-Guard RatioNorm (arXiv 2510.22319): s [log_ratio + ||mean - old_mean||^2 / (2 D s^2)], s = std ``[E]``.
 
     Removes the deterministic negative bias of the mean-reduced log-ratio and rescales its spread by the step's std.
     ``mean``/``old_mean``: ``[E, ...]``. Returns ``[E]``.
@@ -96,7 +96,7 @@ def policy_loss(
     policy_scale: float = 1.0,
     kl_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, LossStats]:
-    """PPO clipped surrogate per transition plus beta * KL to the reference (papers.md (a)).
+    """PPO clipped surrogate per transition plus beta * KL to the reference (Flow-GRPO, arXiv 2505.05470).
 
     log_prob, old_log_prob, advantages: ``[E]``. L = wmean(max(-A rho, -A clip(rho, 1 - c, 1 + c))) + beta wmean(KL)
     with rho = exp(log_prob - old_log_prob), c = ``effective_clip_range(clip_range, num_elements, reduction)``,
@@ -170,7 +170,7 @@ def nft_loss(
     kl_weight: float = 0.0,
     v_ref: Optional[Tensor] = None,
 ) -> tuple[Tensor, NFTStats]:
-    """DiffusionNFT forward-process objective (papers.md part 1 (i)).
+    """DiffusionNFT forward-process objective (arXiv 2509.16117).
 
     v, v_old, x_t, x0: ``[B, ...]`` (v with grad, v_old the sampling policy's velocity at the same x_t), sigma ``[B]``
     with ``x_t = (1 - sigma) x0 + sigma eps``, advantages ``[B]``. With r = clip(1/2 + clip(A, -A_max, A_max) /

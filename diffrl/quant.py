@@ -1,4 +1,4 @@
-"""Low-precision exploration (Sol-RL, papers.md part 1 (f)); layer L1, pure torch (torchao is imported lazily).
+"""Low-precision exploration (Sol-RL, arXiv 2604.06916); layer L1, pure torch (torchao is imported lazily).
 
 Emulated FP8 (e4m3) and FP4 (e2m1: NVFP4 with 16-element blocks and e4m3 block scales, MXFP4 with 32-element blocks
 and power-of-two scales) round trips, a linear layer that computes on those grids, the choice between the emulated

@@ -1,6 +1,6 @@
 """Sigma grids and which denoising steps are stochastic and trained (layer L1: pure torch).
 
-MixGRPO's sliding SDE window and DanceGRPO's timestep subsampling, papers.md part 1 (b), (d).
+MixGRPO's sliding SDE window (arXiv 2507.21802) and DanceGRPO's timestep subsampling (arXiv 2505.07818).
 A step mask is a bool tensor ``[T]`` over step indices ``k = 0 .. T-1`` (step k goes sigmas[k] -> sigmas[k+1]).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def mix_window_start(
     decay_offset: float = 13.0,
     generator: Optional[torch.Generator] = None,
 ) -> int:
-    """Start ``l`` of MixGRPO's SDE window ``[l, l + size)`` at a training iteration (papers.md (d)).
+    """Start ``l`` of MixGRPO's SDE window ``[l, l + size)`` at a training iteration (MixGRPO, arXiv 2507.21802).
 
     fixed: 0. progressive: moves by ``shift`` every ``iters_per_move`` iterations, rolls back after the last
     position. decay: stays tau(l) = max(min_iters, floor(tau (1 - l / l_max) + min_iters l / l_max)) iterations.

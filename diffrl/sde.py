@@ -2,7 +2,7 @@
 
 Every step is a pure function of ``(x, velocity, sigma, sigma_next)``: it reads no scheduler state. Give it ``noise``
 (or a ``generator``) to sample, or ``x_next`` to re-score a stored transition under grad; never both.
-Maths in ``papers.md`` part 1 (a) Flow-GRPO, (b) DanceGRPO, (h) DDPO. Rectified-flow convention:
+Maths from Flow-GRPO (arXiv 2505.05470), DanceGRPO (arXiv 2505.07818), DDPO (arXiv 2305.13301). Rectified flow:
 ``x_sigma = (1 - sigma) x0 + sigma eps``, ``v = eps - x0``, ``x0_hat = x - sigma v``, ``dt = sigma_next - sigma < 0``.
 
 Log-prob reduction: the Gaussian log-density is averaged over all non-batch elements (``reduction="mean"``, the
@@ -44,7 +44,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Union[Tensor, float], r
     """log N(sample; mean, std^2) per element, reduced over non-batch dims, in fp32.
 
     sample, mean: ``[B, ...]``. std: scalar, ``[B]`` or broadcastable to ``sample``; must be > 0.
-    Returns ``[B]``: ``reduce_d [-(x_d - mu_d)^2 / (2 std^2) - log std - log sqrt(2 pi)]`` (papers.md (a)).
+    Returns ``[B]``: ``reduce_d [-(x_d - mu_d)^2 / (2 std^2) - log std - log sqrt(2 pi)]`` (Flow-GRPO).
     """
     x, mu = sample.float(), mean.float()
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device)
@@ -195,7 +195,7 @@ def ddim_step(
     x_next: Optional[Latents] = None,
     reduction: str = "mean",
 ) -> StepOut:
-    """DDIM step with log-prob for epsilon-, v- or sample-prediction diffusion models (DDPO, papers.md (h)).
+    """DDIM step with log-prob for epsilon-, v- or sample-prediction diffusion models (DDPO, arXiv 2305.13301).
 
     x, model_output: ``[B, ...]`` (or dicts of streams). alpha_bar, alpha_bar_prev: cumulative alphas of the current
     and the next (less noisy) timestep, floats or ``[B]`` (use 1.0 for the final step's ``alpha_bar_prev``).

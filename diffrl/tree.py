@@ -1,4 +1,4 @@
-"""Branching rollout trees with shared prefixes (BranchGRPO, papers.md part 1 (c)); layer L1, pure torch.
+"""Branching rollout trees with shared prefixes (BranchGRPO, arXiv 2509.06040); layer L1, pure torch.
 
 A tree over ``T`` denoising steps starts from one root latent (node 0, depth 0). At step ``k`` every active node
 emits ``b_k`` children (``b_k`` = the branch factor if ``k`` is a split step, else 1); a child created at step ``k``

@@ -2,7 +2,7 @@
 
 Rolls out a 16-leaf, 20-step BranchGRPO tree (``TreeSchedule(20, [0, 3, 6, 9])``, branch 2, nfe 203 per tree)
 through randomly initialised diffusers ``SD3Transformer2DModel``s on the CPU, at two sizes: ``tiny-shapes`` (the size
-of the embedded shapes model measured in ENV.md: 6 layers, 4 heads x 32, patch 4, a [3, 32, 32] latent) and
+of the embedded shapes model: 6 layers, 4 heads x 32, patch 4, a [3, 32, 32] latent) and
 ``fast-test`` (diffusers' fast-test scale: 1 layer, 4 heads x 8, patch 2, a [4, 32, 32] latent; the smallest SD3
 that runs, so the harshest ratio). It times (median over ``--repeats``, ``time.perf_counter``):
 

@@ -1,10 +1,10 @@
 """Tiny StableDiffusion3Pipeline components built in code, offline (no files, no hub), for the shapes world.
 
-Sizes follow ENV.md's measurements: a 6-layer SD3 transformer (4 heads x 32) on 4 x 32 x 32 latents with patch 4,
-an x1 AutoencoderKL without mid-block attention (32 px images <-> 32 px latents), two CLIP text encoders (hidden
-32) and a T5 encoder (d_model 64). Both tokenizers are word-level over the shapes vocabulary: CLIP's through BPE
-merges that build each word left to right, T5's through unigram pieces. Other text still tokenizes (CLIP falls
-back to characters, T5 to <unk>).
+Sizes are those measured to pretrain on a 2-core CPU in 20-40 minutes (patch 2 was 2.6-3.8x slower per image): a
+6-layer SD3 transformer (4 heads x 32) on 4 x 32 x 32 latents with patch 4, an x1 AutoencoderKL without mid-block
+attention (32 px images <-> 32 px latents), two CLIP text encoders (hidden 32) and a T5 encoder (d_model 64). Both
+tokenizers are word-level over the shapes vocabulary: CLIP's through BPE merges that build each word left to right,
+T5's through unigram pieces. Other text still tokenizes (CLIP falls back to characters, T5 to <unk>).
 """
 from __future__ import annotations
 
