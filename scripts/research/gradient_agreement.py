@@ -1,9 +1,9 @@
-"""How much of a policy gradient is signal (layer L1: pure torch).
+"""How much of a policy gradient is signal (pure torch; the gradient-SNR probe's estimator).
 
 A policy-gradient estimate from one rollout batch is the true gradient plus noise. Gradients of independent
 batches share only the true part, so their dot products measure it: ``gradient_agreement`` turns N such gradients
 into the signal share of one batch's gradient and the number of batches a gradient step needs before its direction
-is mostly signal. ``scripts/probe_gradient_snr.py`` measures it for a training config.
+is mostly signal. ``probe_gradient_snr.py`` (beside this module) measures it for a training config.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ CFG). Then, without sampling: how far one word of the prompt moves the guided ve
 relation word, the word order, the count word and a colour word; a word the model ignores moves it by little.
 Ends with one JSON line.
 
-    python scripts/probe_conditioning.py [--model assets/tiny-sd3-shapes] [--lora RUN/lora] [--n 96]
-    python scripts/probe_conditioning.py --checkpoint OUT-checkpoints/checkpoint-003500   # a pretraining run, mid-way
+    python scripts/research/probe_conditioning.py [--model assets/tiny-sd3-shapes] [--lora RUN/lora] [--n 96]
+    python scripts/research/probe_conditioning.py --checkpoint OUT-checkpoints/checkpoint-003500  # pretraining, mid-way
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: diffrl, rewards
 
 from diffrl import checkpoint  # noqa: E402
 from diffrl.inference import EVAL_GUIDANCE, EVAL_SEED, EVAL_STEPS, load_for_inference, sample  # noqa: E402
@@ -84,8 +84,8 @@ def load_pretraining_checkpoint(adapter, path: str, weights: str = "ema") -> Non
     ``scripts/pretrain_tiny.py`` checkpoint into ``adapter``'s pipeline, so a pretraining run can be probed while it
     runs. The VAE stays the adapter's: the flow-matching stage does not train it."""
     if not Path(path, "state.json").is_file():
-        raise SystemExit(f"--checkpoint {path}: not a checkpoint folder (pretrain_tiny.py writes them to OUT-checkpoints/"
-                         "checkpoint-NNNNNN)")
+        raise SystemExit(f"--checkpoint {path}: not a checkpoint folder (pretrain_tiny.py writes them to "
+                         "OUT-checkpoints/checkpoint-NNNNNN)")
     tensors, _, _ = checkpoint.load(Path(path))
     missing = [m for m in (*PRETRAINED_MODULES, weights) if m not in tensors]
     if missing:
@@ -107,7 +107,7 @@ def count_table(adapter, n: int, args) -> dict[int, dict[int, int]]:
     sc = scenes("count", n)
     images = to_pil(sample(adapter, [prompt_of(s) for s in sc], args.seed, args.steps, args.guidance))
     table: dict[int, dict[int, int]] = {}
-    for s, img in zip(sc, images):
+    for s, img in zip(sc, images, strict=True):
         found = len(detect(img))
         row = table.setdefault(s.num_objects, {})
         row[found] = row.get(found, 0) + 1
@@ -119,7 +119,7 @@ def relation_shares(adapter, n: int, args) -> dict[str, float]:
     sc = scenes("relation", n)
     images = to_pil(sample(adapter, [prompt_of(s) for s in sc], args.seed, args.steps, args.guidance))
     asked = opposite = both = 0
-    for s, img in zip(sc, images):
+    for s, img in zip(sc, images, strict=True):
         objs = detect(img)
         a = [o for o in objs if o["color"] == s.objects[0].color]
         b = [o for o in objs if o["color"] == s.objects[1].color]
@@ -162,7 +162,8 @@ def main() -> None:
         sc = scenes(kind, args.n)
         sens.update(sensitivity(adapter, [prompt_of(x) for x in sc], [edits(x) for x in sc], SENSITIVITY_SIGMAS,
                                 args.guidance, args.seed))
-    print(f"how far one word moves the guided velocity, |v(edited) - v| / |v| (mean of {args.n} prompts), per noise level")
+    print(f"how far one word moves the guided velocity, |v(edited) - v| / |v| (mean of {args.n} prompts), "
+          "per noise level")
     print("| edit | " + " | ".join(f"s = {s}" for s in SENSITIVITY_SIGMAS) + " |")
     print("|---|" + "---:|" * len(SENSITIVITY_SIGMAS))
     for name, row in sens.items():
@@ -171,7 +172,8 @@ def main() -> None:
     print(json.dumps({"count_table": {str(k): {str(f): c for f, c in v.items()} for k, v in table.items()},
                       "count_right": round(right, 4), **{f"relation_{k}": (round(v, 4) if isinstance(v, float) else v)
                                                          for k, v in rel.items()},
-                      "sensitivity": {name: {str(s): round(v, 4) for s, v in row.items()} for name, row in sens.items()}}))
+                      "sensitivity": {name: {str(s): round(v, 4) for s, v in row.items()}
+                                      for name, row in sens.items()}}))
 
 
 if __name__ == "__main__":

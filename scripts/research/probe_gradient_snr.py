@@ -3,15 +3,15 @@
 For a training config, rolls out ``--batches`` independent batches (steps 0, 1, ... of the run: each its own prompts
 and seeds, ``train.prompts_per_step`` prompts each), scores them and computes the clipped-ratio policy gradient of
 each at the starting weights, exactly as the trainer's first update would (no KL term, no gradient clipping, no
-optimizer step). ``diffrl.diagnostics.gradient_agreement`` turns them into rho, the signal share of one batch's
-gradient, and the number of batches a gradient needs before its direction is mostly signal. ``--vs "key=value ..."``
-(repeatable) adds a row for the same config with those overrides on top, measured in the same run, and every row
-states its rho as a ratio to the first row's. ``--by-module`` also measures rho over each group of the trained
-parameters alone, by transformer block and by adapted projection (where in the model the signal lives, to choose
-``model.lora_targets``). ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model where RL visibly works)
-in the same run. Ends with one JSON line.
+optimizer step). ``gradient_agreement`` (``gradient_agreement.py``, beside this script) turns them into rho, the
+signal share of one batch's gradient, and the number of batches a gradient needs before its direction is mostly
+signal. ``--vs "key=value ..."`` (repeatable) adds a row for the same config with those overrides on top, measured
+in the same run, and every row states its rho as a ratio to the first row's. ``--by-module`` also measures rho over
+each group of the trained parameters alone, by transformer block and by adapted projection (where in the model the
+signal lives, to choose ``model.lora_targets``). ``--toy`` measures the same for ``diffrl toy`` (the 2-D flow model
+where RL visibly works) in the same run. Ends with one JSON line.
 
-    python scripts/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy]
+    python scripts/research/probe_gradient_snr.py [--config configs/tiny_shapes.yaml] [--batches 12] [--toy]
         [--vs "train.objective=nft train.advantage=grpo" ...] [--by-module] [key=value ...]
 """
 from __future__ import annotations
@@ -27,17 +27,20 @@ from tempfile import TemporaryDirectory
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: diffrl, rewards
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gradient_agreement.py
+
+from gradient_agreement import gradient_agreement  # noqa: E402
 
 from diffrl import toy  # noqa: E402
 from diffrl.config import load_config  # noqa: E402
-from diffrl.diagnostics import gradient_agreement  # noqa: E402
 from diffrl.loss import policy_loss  # noqa: E402
 from diffrl.schedule import flow_sigmas  # noqa: E402
 from diffrl.tree import TreeSchedule  # noqa: E402
 
 
-def trainer_gradients(config: str, overrides: list[str], batches: int) -> tuple[torch.Tensor, int, list[tuple[str, int]]]:
+def trainer_gradients(config: str, overrides: list[str],
+                      batches: int) -> tuple[torch.Tensor, int, list[tuple[str, int]]]:
     """``[batches, P]`` policy gradients of the config's first update, one per independent batch; samples per batch;
     the (name, size) of each trained parameter tensor in the gradients' order."""
     from diffrl import trainer
@@ -84,7 +87,8 @@ def toy_gradients(batches: int) -> tuple[torch.Tensor, int]:
     schedule, sigmas = TreeSchedule(cfg.num_steps, cfg.split_steps), flow_sigmas(cfg.num_steps)
     grads = []
     for b in range(batches):
-        tr, adv, _, _ = toy.collect(cfg, policy, schedule, sigmas, [10**7 + b * cfg.trees + t for t in range(cfg.trees)])
+        seeds = [10**7 + b * cfg.trees + t for t in range(cfg.trees)]
+        tr, adv, _, _ = toy.collect(cfg, policy, schedule, sigmas, seeds)
         out = toy.rescore(cfg, policy, tr)
         loss, _ = policy_loss(out.log_prob, tr.log_prob, adv, clip_range=cfg.clip_range, num_elements=2)
         policy.zero_grad()
@@ -138,7 +142,8 @@ def main() -> None:
 def by_module(grads: torch.Tensor, sizes: list[tuple[str, int]], name: str) -> dict[str, dict]:
     """rho of each module group's coordinates alone (``module_groups``), printed as a table and returned."""
     out = {}
-    print(f"by module, {name}:\n| parameters of | parameters | share of |g|^2 | rho (jackknife s.e.) |\n|---|---:|---:|---:|")
+    print(f"by module, {name}:\n| parameters of | parameters | share of |g|^2 | rho (jackknife s.e.) |\n"
+          "|---|---:|---:|---:|")
     total = float(grads.double().square().sum())
     for key, idx in module_groups(sizes).items():
         g = grads[:, idx]

@@ -7,8 +7,8 @@ pass@k for growing k is the ceiling of pure sharpening, and the share of prompts
 is what only learning something new can fix. Same prompts (``data.eval_prompts``, ``data.eval_size`` of the
 config) and sampler as the trainer's evaluation: deterministic Euler, the config's guidance. Ends with one JSON line.
 
-    python scripts/probe_headroom.py [--config configs/tiny_shapes.yaml] [--lora RUN/lora] [--n 16] [--prompts N]
-        [key=value ...]
+    python scripts/research/probe_headroom.py [--config configs/tiny_shapes.yaml] [--lora RUN/lora] [--n 16]
+        [--prompts N] [key=value ...]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: diffrl, rewards
 
 from diffrl.config import load_config  # noqa: E402
 from diffrl.inference import EVAL_SEED, load_for_inference, pass_at_k, sample  # noqa: E402
@@ -51,15 +51,17 @@ def main() -> None:
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.n]
     rows = {}
     for kind in ["all"] + sorted(set(kinds)):
-        cs = [c for c, kk in zip(correct, kinds) if kind in ("all", kk)]
-        rows[kind] = {"prompts": len(cs), **{f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in cs) / len(cs) for k in ks},
+        cs = [c for c, kk in zip(correct, kinds, strict=True) if kind in ("all", kk)]
+        rows[kind] = {"prompts": len(cs),
+                      **{f"pass@{k}": sum(pass_at_k(args.n, c, k) for c in cs) / len(cs) for k in ks},
                       "never": sum(c == 0 for c in cs) / len(cs)}
     print(f"{len(prompts)} held-out prompts x {args.n} seeds, {cfg.sampler.eval_steps}-step Euler, guidance "
           f"{cfg.sampler.guidance_scale} ({time.time() - t0:.0f} s)")
     print("| prompts | " + " | ".join(f"pass@{k}" for k in ks) + f" | none right in {args.n} |")
     print("|---|" + "---:|" * (len(ks) + 1))
     for kind, r in rows.items():
-        print(f"| {kind} ({r['prompts']}) | " + " | ".join(f"{r[f'pass@{k}']:.3f}" for k in ks) + f" | {r['never']:.2f} |")
+        cells = " | ".join(f"{r[f'pass@{k}']:.3f}" for k in ks)
+        print(f"| {kind} ({r['prompts']}) | {cells} | {r['never']:.2f} |")
     print(json.dumps({"n": args.n, "lora": args.lora, "rows": {k: {m: round(v, 4) for m, v in r.items()}
                                                                for k, r in rows.items()}}))
 

@@ -3,8 +3,9 @@
 Samples the config's training prompts with the trainer's evaluation sampler (deterministic Euler, CFG), keeps the
 samples the shapes verifier scores strictly correct, fine-tunes the config's LoRA on them with the pretraining loss
 (rectified flow on the conditional velocity, ``scripts/pretrain_tiny.py``) at ``train.lr``, constant, and reports
-held-out strict accuracy before and after. This is RAFT (reward-ranked fine-tuning) in one round: the most direct use of the model's own good
-samples, with many optimizer steps where the main job takes one per RL step.
+held-out strict accuracy before and after. This is one round of RAFT (reward-ranked fine-tuning; RAFT, arXiv
+2304.06767): the most direct use of the model's own good samples, with many optimizer steps where the main job takes
+one per RL step.
 
 - Fit: a prompt file as both ``data.prompts`` and ``data.eval_prompts`` with ``data.exclude_eval=false`` asks
   whether the LoRA can learn to draw those prompts the way its correct samples do (every file prompt is sampled).
@@ -13,7 +14,7 @@ samples, with many optimizer steps where the main job takes one per RL step.
 
 Ends with one JSON line.
 
-    python scripts/probe_rejection_sft.py [--config configs/tiny_shapes.yaml] [--prompts 256] [--per-prompt 4]
+    python scripts/research/probe_rejection_sft.py [--config configs/tiny_shapes.yaml] [--prompts 256] [--per-prompt 4]
         [--sft-steps 150] [--batch 64] [--empty 0.0] [--out DIR] [key=value ...]
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: diffrl, rewards
 
 from diffrl.config import ConfigError, load_config  # noqa: E402
 from diffrl.shapes import in_grammar  # noqa: E402
@@ -58,7 +59,7 @@ def correct_latents(run: Run, prompts: list[str], seed: int) -> tuple[torch.Tens
     with torch.no_grad():
         z = vae.encode(images[ok] * 2 - 1).latent_dist.mode()
         z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-    return z, [p for p, k in zip(prompts, ok.tolist()) if k]
+    return z, [p for p, k in zip(prompts, ok.tolist(), strict=True) if k]
 
 
 def sft(run: Run, z: torch.Tensor, prompts: list[str], steps: int, batch: int, seed: int,
@@ -111,7 +112,8 @@ def main() -> None:
         base = evaluate(run)
         prompts = [p for p in training_prompts(run, args.prompts) for _ in range(args.per_prompt)]
         if not prompts or not in_grammar(prompts):
-            sys.exit(f"probe_rejection_sft: {args.config}: data.prompts gives no prompts of the shapes grammar to sample")
+            sys.exit(f"probe_rejection_sft: {args.config}: data.prompts gives no prompts of the shapes grammar "
+                     "to sample")
         z, kept = correct_latents(run, prompts, SAMPLE_SEED)
         print(f"kept {len(kept)} strictly correct of {len(prompts)} samples of {len(set(prompts))} training prompts "
               f"({time.time() - t0:.0f} s)")
@@ -125,7 +127,8 @@ def main() -> None:
     print(f"{head}: base {base['accuracy']:.3f} -> after {args.sft_steps} fine-tuning steps {final['accuracy']:.3f}")
     for key in sorted(k for k in base if k != "accuracy"):
         print(f"  {key}: {base[key]:.3f} -> {final[key]:.3f}")
-    print(json.dumps({"kept": len(kept), "sampled": len(prompts), "sft_steps": args.sft_steps, "empty": args.empty, "base": base, "final": final,
+    print(json.dumps({"kept": len(kept), "sampled": len(prompts), "sft_steps": args.sft_steps, "empty": args.empty,
+                      "base": base, "final": final,
                       "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                       "wall_s": round(time.time() - t0, 1)}))
 

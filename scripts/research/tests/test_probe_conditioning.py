@@ -1,18 +1,19 @@
-"""scripts/probe_conditioning.py: its one-word prompt edits against hand-written prompts, its velocity sensitivity
-against a model whose velocity is known in closed form, and one tiny end-to-end run."""
+"""scripts/research/probe_conditioning.py: its one-word prompt edits against hand-written prompts, its velocity
+sensitivity against a model whose velocity is known in closed form, and one tiny end-to-end run."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from research_helpers import load_probe, probe_path
 
 from diffrl.shapes import Obj, Scene
-from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV, load_script
+from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV
 
 
 def test_edits_change_one_word():
-    probe = load_script("probe_conditioning")
+    probe = load_probe("probe_conditioning")
     relation = Scene("relation", (Obj("red", "circle"), Obj("blue", "square")), "left of")
     assert probe.edits(relation) == {
         "relation word flipped": "a red circle to the right of a blue square",
@@ -40,7 +41,7 @@ class LengthVelocity:
 
 
 def test_sensitivity_is_the_relative_velocity_change():
-    probe = load_script("probe_conditioning")
+    probe = load_probe("probe_conditioning")
     out = probe.sensitivity(LengthVelocity(), ["abcd", "ab"], [{"e": "abcdef"}, {"e": "a"}], (0.9, 0.5), 4.5, seed=0)
     # (|6 - 4| / 4 + |1 - 2| / 2) / 2 = 0.5 at every noise level
     assert out == {"e": {0.9: pytest.approx(0.5), 0.5: pytest.approx(0.5)}}
@@ -48,7 +49,7 @@ def test_sensitivity_is_the_relative_velocity_change():
 
 @pytest.mark.slow
 def test_tiny_run_ends_with_its_json():
-    done = subprocess.run([sys.executable, "scripts/probe_conditioning.py", "--n", "4", "--steps", "4"],
+    done = subprocess.run([sys.executable, probe_path("probe_conditioning"), "--n", "4", "--steps", "4"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -62,7 +63,7 @@ def test_pretraining_checkpoint_weights_reach_the_probed_model(tmp_path):
     from diffrl import checkpoint
     from diffrl.inference import load_for_inference
 
-    probe = load_script("probe_conditioning")
+    probe = load_probe("probe_conditioning")
     adapter = load_for_inference(MODEL)
     pipe = adapter.pipe
     tensors = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}

@@ -1,4 +1,5 @@
-"""Gradient agreement (the signal share of a policy gradient) against synthetic gradients of known signal share."""
+"""scripts/research/gradient_agreement.py (the signal share of a policy gradient) against synthetic gradients of
+known signal share, and one tiny run of scripts/research/probe_gradient_snr.py."""
 import json
 import math
 import subprocess
@@ -7,13 +8,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from gradient_agreement import gradient_agreement
+from research_helpers import probe_path
 
-from diffrl.diagnostics import gradient_agreement
 from tests_helpers import ROOT, SUBPROCESS_ENV, TINY
 
 
-def _grads(n: int, dim: int, signal: float, noise: float, seed: int, s=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` gradients ``s + noise`` with ``|s| = signal`` (a random direction unless given) and ``E|noise|^2 = noise^2``."""
+def _grads(n: int, dim: int, signal: float, noise: float, seed: int,
+           s=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` gradients ``s + noise`` with ``|s| = signal`` (a random direction unless given) and
+    ``E|noise|^2 = noise^2``."""
     g = torch.Generator().manual_seed(seed)
     if s is None:
         s = torch.randn(dim, generator=g, dtype=torch.float64)
@@ -58,9 +62,9 @@ def test_pure_noise_needs_infinitely_many_batches_and_bad_shapes_raise():
 
 def test_gradient_snr_probe_ends_with_its_json():
     vs = "train.objective=nft train.advantage=grpo"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "3", "--toy",
-                           "--config", "configs/tiny_shapes_tree.yaml", "--by-module", "--vs", vs, *TINY], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
-                          cwd=ROOT)
+    done = subprocess.run([sys.executable, probe_path("probe_gradient_snr"), "--batches", "3", "--toy",
+                           "--config", "configs/tiny_shapes_tree.yaml", "--by-module", "--vs", vs, *TINY],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
     assert len(rows) == 3 and "diffrl toy (tree GRPO)" in rows
@@ -80,6 +84,6 @@ def test_gradient_snr_probe_ends_with_its_json():
         assert len(part) >= 2 and sum(g["parameters"] for g in part) == first["parameters"]
         assert sum(g["grad_share"] for g in part) == pytest.approx(1.0)
     assert {"proj attn.to_q", "proj attn.to_out.0"} <= set(groups)
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_gradient_snr.py"), "--batches", "1"],
+    bad = subprocess.run([sys.executable, probe_path("probe_gradient_snr"), "--batches", "1"],
                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=60, cwd=ROOT)
     assert bad.returncode != 0 and "--batches must be at least 2" in bad.stderr

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from research_helpers import probe_path
+
 from tests_helpers import ROOT, SUBPROCESS_ENV
 
 

@@ -1,4 +1,4 @@
-"""scripts/probe_rejection_sft.py: its fine-tuning loss against the rectified-flow closed form, its choice of
+"""scripts/research/probe_rejection_sft.py: its fine-tuning loss against the rectified-flow closed form, its choice of
 training prompts, its refusal of prompts the verifier cannot score, and one tiny end-to-end run."""
 import json
 import subprocess
@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from research_helpers import load_probe, probe_path
 
 from diffrl.config import load_config
 from diffrl.prompts import PromptStream, eval_prompts
-from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
+from tests_helpers import ROOT, SUBPROCESS_ENV
 
 
 class ConstantVelocity:
@@ -42,7 +43,7 @@ def test_sft_fits_the_rectified_flow_target():
     run = SimpleNamespace(adapter=model, optimizer=torch.optim.Adam([model.c], lr=0.05),
                           cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=100.0)))
     z = torch.full((3, 1, 2, 2), 0.5)
-    losses = load_script("probe_rejection_sft").sft(run, z, ["a red circle"] * 3, steps=300, batch=256, seed=0)
+    losses = load_probe("probe_rejection_sft").sft(run, z, ["a red circle"] * 3, steps=300, batch=256, seed=0)
     assert model.c.detach() == pytest.approx(torch.full((1, 2, 2), -0.5), abs=0.1)  # E[eps - z] = -z
     assert losses[-1] < losses[0] and model.empty_rows == 0
 
@@ -51,7 +52,7 @@ def test_sft_gives_the_empty_prompt_to_the_asked_share():
     model = ConstantVelocity((1, 2, 2))
     run = SimpleNamespace(adapter=model, optimizer=torch.optim.Adam([model.c], lr=0.05),
                           cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=100.0)))
-    load_script("probe_rejection_sft").sft(run, torch.zeros(2, 1, 2, 2), ["a red circle"] * 2, steps=20, batch=100,
+    load_probe("probe_rejection_sft").sft(run, torch.zeros(2, 1, 2, 2), ["a red circle"] * 2, steps=20, batch=100,
                                            seed=0, empty=0.25)
     assert model.empty_rows / model.rows == pytest.approx(0.25, abs=0.03)  # 2000 rows: binomial sd ~0.01
 
@@ -59,7 +60,7 @@ def test_sft_gives_the_empty_prompt_to_the_asked_share():
 def test_training_prompts_are_the_whole_file_less_the_held_out(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("two red circles\na blue square\ntwo red circles\na green triangle\n")
-    probe = load_script("probe_rejection_sft")
+    probe = load_probe("probe_rejection_sft")
     run = SimpleNamespace(prompts=PromptStream(str(path), seed=0, exclude=["a blue square"]))
     assert probe.training_prompts(run, 99) == ["two red circles", "a green triangle"]
     generated = SimpleNamespace(prompts=PromptStream("shapes:count", seed=0))
@@ -67,8 +68,9 @@ def test_training_prompts_are_the_whole_file_less_the_held_out(tmp_path):
 
 
 def test_refuses_held_out_prompts_the_verifier_cannot_score():
-    done = subprocess.run([sys.executable, "scripts/probe_rejection_sft.py", "data.eval_prompts=prompts/general_eval.txt",
-                           "data.eval_size=2"], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, probe_path("probe_rejection_sft"),
+                           "data.eval_prompts=prompts/general_eval.txt", "data.eval_size=2"],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=ROOT)
     assert done.returncode != 0
     assert "data.eval_prompts holds prompts outside the shapes grammar" in done.stderr
     assert "Traceback" not in done.stderr
@@ -76,7 +78,7 @@ def test_refuses_held_out_prompts_the_verifier_cannot_score():
 
 @pytest.mark.slow
 def test_tiny_run_ends_with_its_json(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/probe_rejection_sft.py", "--prompts", "4", "--per-prompt", "8",
+    done = subprocess.run([sys.executable, probe_path("probe_rejection_sft"), "--prompts", "4", "--per-prompt", "8",
                            "--sft-steps", "2", "--batch", "4", "--out", str(tmp_path), "data.eval_size=2",
                            "data.eval_seeds=1"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
