@@ -172,7 +172,8 @@ def fill_invalid(values: Tensor, valid: Tensor, group_ids: Tensor) -> Tensor:
     statistic. values, valid (bool), group_ids: the same shape, e.g. ``[T, L]``."""
     n = int(group_ids.max()) + 1
     means = torch.zeros(n, device=values.device).index_add_(0, group_ids[valid], values[valid].float())
-    counts = torch.zeros(n, device=values.device).index_add_(0, group_ids[valid], torch.ones_like(values[valid]).float())
+    ones = torch.ones_like(values[valid]).float()
+    counts = torch.zeros(n, device=values.device).index_add_(0, group_ids[valid], ones)
     return torch.where(valid, values, (means / counts.clamp_min(1))[group_ids].to(values.dtype))
 
 

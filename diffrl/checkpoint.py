@@ -3,7 +3,8 @@
 A checkpoint is a folder ``checkpoint-<step>`` holding ``lora.safetensors`` (and ``ema.safetensors``), the optimizer
 state (``optimizer.pt``, read back with ``weights_only=True``) and ``state.json`` (step, metrics history, RNG
 states); a sharded (FSDP) run's holds ``sharded/`` (``torch.distributed.checkpoint``: every process's shards of
-the trained weights, EMA and optimizer state) and ``state.json``. It is written under a temporary name and renamed into place, so a half-written one is never picked up.
+the trained weights, EMA and optimizer state) and ``state.json``. It is written under a temporary name and renamed
+into place, so a half-written one is never picked up.
 """
 from __future__ import annotations
 

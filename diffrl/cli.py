@@ -48,11 +48,10 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from diffrl.inference import eval_accuracy, load_for_inference
-    from diffrl.prompts import eval_prompts
-
     import rewards
     from diffrl.evaluation import evaluator_for
+    from diffrl.inference import eval_accuracy, load_for_inference
+    from diffrl.prompts import eval_prompts
 
     prompts = eval_prompts(args.prompts, args.n)
     try:

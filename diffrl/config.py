@@ -9,7 +9,6 @@ import dataclasses
 import difflib
 import functools
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +374,8 @@ def _merge(obj: Any, data: dict, prefix: str, where: str, errors: list[str]) -> 
         path = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            errors.append(f"{where}: unknown key '{path}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+            suggestion = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            errors.append(f"{where}: unknown key '{path}'" + suggestion)
             continue
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

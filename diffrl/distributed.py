@@ -23,7 +23,6 @@ from torch import Tensor
 
 from diffrl.config import ConfigError
 
-
 _OWNED: list[bool] = []
 """Non-empty while the process group is one ``setup`` created (``shutdown`` leaves only those)."""
 
@@ -115,7 +114,8 @@ def max_over_processes(n: int) -> int:
     return int(t)
 
 
-def mean_over_processes(stats: dict[str, float], keys: tuple[str, ...], maxima: tuple[str, ...] = ()) -> dict[str, float]:
+def mean_over_processes(stats: dict[str, float], keys: tuple[str, ...],
+                        maxima: tuple[str, ...] = ()) -> dict[str, float]:
     """The statistics named in ``keys`` averaged over the processes that have them (those in ``maxima``: their
     largest value), so logged metrics describe every process's share, not the first one's; a key no process has
     stays absent. ``stats`` itself with one process."""

@@ -38,8 +38,8 @@ class LowPrecisionPolicy:
         self.adapter, self.fmt, self.skip, self.min_dim = adapter, fmt, tuple(skip), min_dim
         dev = adapter.device
         cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-        self.path, self.reason = choose_path(fmt, backend, str(dev), cap, importlib.util.find_spec("torchao") is not None,
-                                             adapter.dtype)
+        has_torchao = importlib.util.find_spec("torchao") is not None
+        self.path, self.reason = choose_path(fmt, backend, str(dev), cap, has_torchao, adapter.dtype)
         log.info("exploration policy: %s, %s path (%s)", fmt, self.path, self.reason)
         t0 = time.perf_counter()
         self.copies = self._build()
@@ -79,8 +79,8 @@ class LowPrecisionPolicy:
 
 
 def _torchao_quantize(model: torch.nn.Module, fmt: str, skip: Sequence[str], min_dim: int) -> list[str]:
-    """torchao's dynamic-activation low-precision linear layers (FP8 per-row or per-tensor on compute capability 8.9+, NVFP4 /
-    MXFP4 on 10.0+) on the quantizable layers of ``model``; returns their names."""
+    """torchao's dynamic-activation low-precision linear layers (FP8 per-row or per-tensor on compute capability
+    8.9+, NVFP4 / MXFP4 on 10.0+) on the quantizable layers of ``model``; returns their names."""
     from torchao.quantization import quantize_
 
     if fmt in ("fp8", "fp8_tensor"):
@@ -130,8 +130,8 @@ def preview(policy: LowPrecisionPolicy, rewards: Mapping[str, Callable], weights
             sched, sig, opts = TreeSchedule(ode_steps), ad.sigmas(ode_steps), {"kind": "ode"}
         else:
             sched, sig, opts = schedule, sigmas, rollout_options
-        ro = tree_rollout(policy.velocity(guidance), sched, sig, list(seeds), ad.latent_shape, cond=ad.encode(list(prompts)),
-                          max_batch=max_batch, device=ad.device, **opts)
+        ro = tree_rollout(policy.velocity(guidance), sched, sig, list(seeds), ad.latent_shape,
+                          cond=ad.encode(list(prompts)), max_batch=max_batch, device=ad.device, **opts)
         media = ad.decode(ro.leaves.flatten(0, 1))
     leaves = sched.num_leaves
     scores, valid = score_samples(rewards, media, [p for p in prompts for _ in range(leaves)], timeout)
@@ -146,7 +146,8 @@ def preview(policy: LowPrecisionPolicy, rewards: Mapping[str, Callable], weights
 def kept_leaves(picks: Tensor, candidates: int, leaves: int) -> Tensor:
     """``[P, K]`` picked candidate indices (into each prompt's N * L leaves) -> ``[P * N, L]`` bool kept leaves."""
     p = picks.shape[0]
-    return torch.zeros(p, candidates * leaves, dtype=torch.bool).scatter_(1, picks, True).reshape(p * candidates, leaves)
+    kept = torch.zeros(p, candidates * leaves, dtype=torch.bool).scatter_(1, picks, True)
+    return kept.reshape(p * candidates, leaves)
 
 
 def restrict(rollout: TreeRollout, keep_nodes: Tensor, schedule: TreeSchedule) -> TreeRollout:

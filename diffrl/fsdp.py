@@ -132,7 +132,8 @@ def lora_init(module: nn.Module, lora_rank: int) -> dict[str, Tensor]:
     """Whole LoRA weights ``{parameter name: tensor}`` of a meta-device ``module``, drawn from the global CPU
     generator exactly as peft draws them when it attaches the adapters to a real model (so a sharded run starts
     from the LoRA an unsharded one would): per LoRA layer in module order, ``nn.Linear``'s default init of ``A``
-    ``[r, in]`` and ``B`` ``[out, r]`` (two uniform draws), then peft's gaussian init, ``A ~ N(0, 1/r^2)``, ``B = 0``."""
+    ``[r, in]`` and ``B`` ``[out, r]`` (two uniform draws), then peft's gaussian init, ``A ~ N(0, 1/r^2)``,
+    ``B = 0``."""
     out = {}
     for qual, m in module.named_modules():
         lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)

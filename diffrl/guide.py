@@ -75,10 +75,10 @@ def sweep(adapter: Any, prompts: Sequence[str], scales: Sequence[float], rewards
     """Sample the same prompts and seeds at every scale in ``scales``, score them with every reward and write to
     ``out``: ``sweep.png`` (rows prompts, columns w), ``sweep_rewards.png`` (each reward's mean against w) and
     ``sweep.json`` (per w: each reward's mean and the sampling time). Returns what ``sweep.json`` holds."""
+    from tqdm import tqdm
+
     from diffrl.scoring import score_batch
     from diffrl.viz import cat_media, image_grid, line_plot, stills
-
-    from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     rows, media = [], []
@@ -88,7 +88,8 @@ def sweep(adapter: Any, prompts: Sequence[str], scales: Sequence[float], rewards
         m = guided_sample(adapter, prompts, seed, steps, guidance, ws, kind=kind, ref_guidance=ref_guidance,
                           reference=reference, max_batch=max_batch)
         seconds = time.perf_counter() - t0
-        scores, valid = score_batch(rewards, m, list(prompts)) if rewards else ({}, torch.ones(len(prompts), dtype=torch.bool))
+        scores, valid = (score_batch(rewards, m, list(prompts)) if rewards
+                         else ({}, torch.ones(len(prompts), dtype=torch.bool)))
         rows.append({"w": w, "sample_s": round(seconds, 3),
                      **{name: round(float(s[valid].mean()), 4) for name, s in scores.items()}})
         media.append(m)

@@ -66,7 +66,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def check_lora_path(lora: str) -> None:
     """A LoRA argument must be an existing folder (a run's ``RUN_DIR/lora``), not a hub id."""
     if not Path(lora).is_dir():
-        raise ModelLoadError(f"--lora {lora!r} does not exist or is not a folder (a diffrl run writes it to RUN_DIR/lora)")
+        raise ModelLoadError(f"--lora {lora!r} does not exist or is not a folder (a diffrl run writes it to "
+                             "RUN_DIR/lora)")
 
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -150,7 +151,8 @@ def _check_denoiser_lora(folder: Path, denoiser: torch.nn.Module, model: str, lo
         raise _not_this_model(folder, len(layers), model, lora)
     if missing:
         raise ModelLoadError(f"the LoRA in {str(folder)!r} only partly fits {model!r}: {len(layers) - len(missing)} "
-                             f"of its {len(layers)} layers exist in that model (missing, e.g.: {', '.join(missing[:2])})"
+                             f"of its {len(layers)} layers exist in that model (missing, e.g.: "
+                             f"{', '.join(missing[:2])})"
                              f"{_made_for(lora)}")
     for name, parts in layers.items():
         if misfit := _misfit(parts, modules[name]):

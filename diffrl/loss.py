@@ -22,7 +22,8 @@ from diffrl.sde import append_dims, reduce_elements
 
 
 def effective_clip_range(clip_range: float, num_elements: int, reduction: str = "mean") -> float:
-    """The ratio clip actually applied: clip_range / sqrt(D) for ``mean`` log-probs, clip_range * sqrt(D) for ``sum``."""
+    """The ratio clip actually applied: clip_range / sqrt(D) for ``mean`` log-probs, clip_range * sqrt(D) for
+    ``sum``."""
     if num_elements < 1:
         raise ValueError(f"num_elements must be >= 1, got {num_elements}")
     scale = math.sqrt(num_elements)
@@ -128,7 +129,8 @@ def policy_loss(
     with torch.no_grad():
         stats = LossStats(
             policy_loss=float(wmean(per)), kl=float(kl), clip_frac=float(wmean(((ratio - 1).abs() > c).float())),
-            approx_kl=float(wmean(0.5 * log_ratio**2)), ratio_mean=float(wmean(ratio)), ratio_max=float(ratio.max()), ratio_min=float(ratio.min()),
+            approx_kl=float(wmean(0.5 * log_ratio**2)), ratio_mean=float(wmean(ratio)), ratio_max=float(ratio.max()),
+            ratio_min=float(ratio.min()),
             adv_mean=float(adv.mean()), adv_std=float(adv.std(unbiased=False)),
         )
     return loss, stats
@@ -199,7 +201,8 @@ def nft_loss(
     kl = velocity_kl(vf, v_ref, kl_weight)
     loss = per.mean() + kl_weight * kl
     with torch.no_grad():
-        stats = NFTStats(policy_loss=float(per.mean()), kl=float(kl), clip_frac=float((adv.abs() > adv_max).float().mean()),
+        stats = NFTStats(policy_loss=float(per.mean()), kl=float(kl),
+                         clip_frac=float((adv.abs() > adv_max).float().mean()),
                          old_dev=float((vf - vo).square().mean()))
     return loss, stats
 

@@ -47,7 +47,8 @@ def fp4_round(x: Tensor) -> Tensor:
     it is 0.5, so rounding is ``round_half_even(|x| / spacing) * spacing``.
     """
     mag = x.abs().clamp(max=FP4_MAX)
-    spacing = torch.where(mag >= 1, torch.exp2(torch.floor(torch.log2(mag.clamp_min(1))) - 1), torch.full_like(mag, 0.5))
+    spacing = torch.where(mag >= 1, torch.exp2(torch.floor(torch.log2(mag.clamp_min(1))) - 1),
+                          torch.full_like(mag, 0.5))
     return torch.copysign(torch.round(mag / spacing) * spacing, x)
 
 

@@ -106,7 +106,8 @@ def tree_rollout(
             x, v, sigma = x.repeat_interleave(b, 0), v.repeat_interleave(b, 0), sigma.repeat_interleave(b)
         if sel is not None and len(sel) < len(child):
             idx = sel.to(x.device)
-            x, v, sigma, child_tree, child_pos, child = x[idx], v[idx], sigma[idx], child_tree[sel], child_pos[sel], child[sel]
+            x, v, sigma = x[idx], v[idx], sigma[idx]
+            child_tree, child_pos, child = child_tree[sel], child_pos[sel], child[sel]
         sigma_next = sigmas[k + 1].expand(x.shape[0]).to(x.device, torch.float32)
         scale = split_noise_scale if b > 1 else 1.0
         step_kind = kind if sde[k] else "ode"
@@ -144,7 +145,8 @@ def _edge_record(schedule: TreeSchedule, k: int, out, sigma: Tensor, sigma_next:
     log_prob = out.log_prob if out.log_prob is not None else torch.zeros(n, device=dev)
     return dict(
         std=out.std, log_prob=log_prob, sigma=sigma, sigma_next=sigma_next,
-        step=torch.full((n,), k, dtype=torch.long, device=dev), depth=torch.full((n,), k + 1, dtype=torch.long, device=dev),
+        step=torch.full((n,), k, dtype=torch.long, device=dev),
+        depth=torch.full((n,), k + 1, dtype=torch.long, device=dev),
         tree=tree.to(dev), parent=schedule.parent[child].to(dev),
         child=child.to(dev), noise_scale=torch.full((n,), scale, device=dev), stochastic=out.std > 0,
     )

@@ -78,7 +78,8 @@ class Batch:
     all_prompts: list[str]  # one per tree of every process, in rank order
     first_tree: int  # global index of this process's first tree
     rollout: TreeRollout
-    images: Union[Tensor, dict]  # decoded media of every leaf (of the kept ones, rollout.kept): [n, 3, H, W], videos, AV dicts
+    # decoded media of every leaf (of the kept ones, rollout.kept): [n, 3, H, W], videos, AV dicts
+    images: Union[Tensor, dict]
     rollout_s: float
     pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
     preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves

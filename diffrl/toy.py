@@ -144,7 +144,7 @@ def optimize(cfg: ToyConfig, policy: nn.Module, ref: nn.Module, opt: torch.optim
     with torch.no_grad():
         ref_mean = rescore(cfg, ref, tr).mean
     first: dict[str, float] = {}
-    for epoch in range(cfg.inner_epochs):
+    for _ in range(cfg.inner_epochs):
         out = rescore(cfg, policy, tr)
         loss, stats = policy_loss(out.log_prob, tr.log_prob, adv, clip_range=cfg.clip_range, num_elements=2,
                                   kl_weight=cfg.kl_weight, mean=out.mean, ref_mean=ref_mean, std=tr.std)

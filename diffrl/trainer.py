@@ -27,9 +27,9 @@ from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
 from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
+from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.guard import NonFiniteError, check_finite
-from diffrl.evaluation import evaluator_for
 from diffrl.inference import EVAL_SEED, sample
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.quant import mean_spearman, select_candidates
@@ -104,7 +104,8 @@ def build(cfg: Config, out: Path) -> Run:
     return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
-               prompts=PromptStream(cfg.data.prompts, cfg.train.seed, exclude=held_out if cfg.data.exclude_eval else ()),
+               prompts=PromptStream(cfg.data.prompts, cfg.train.seed,
+                                    exclude=held_out if cfg.data.exclude_eval else ()),
                eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
                explorer=explorer, evaluator=evaluator, collector=Rollouts() if explorer is None else Exploration())
@@ -198,8 +199,9 @@ def rollouts(run: Run, step: int) -> Batch:
     for idx in torch.arange(n).tensor_split(min(cfg.train.rollout_chunks, n)):
         chunk = [prompts[i] for i in idx.tolist()]
         with torch.no_grad():
-            ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas, [seeds[i] for i in idx.tolist()],
-                              run.adapter.latent_shape, cond=run.adapter.encode(chunk), max_batch=run.minibatch,
+            ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas,
+                              [seeds[i] for i in idx.tolist()], run.adapter.latent_shape,
+                              cond=run.adapter.encode(chunk), max_batch=run.minibatch,
                               device=run.adapter.device, **_rollout_options(run, step))
             parts.append(ro)
             images.append(run.adapter.decode(ro.leaves.flatten(0, 1)))
@@ -608,9 +610,11 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     r = leaf_r[valid]
     return {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
             "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "lr": lr,
-            "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3), "nfe": batch.rollout.nfe,
+            "rollout_s": round(batch.rollout_s, 3), "train_s": round(time.perf_counter() - t0, 3),
+            "nfe": batch.rollout.nfe,
             "ratio_mean": stats.get("ratio_mean", 1.0), "approx_kl": stats.get("approx_kl", 0.0),
-            "first_ratio_dev": stats.get("ratio_dev", 0.0), **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
+            "first_ratio_dev": stats.get("ratio_dev", 0.0),
+            **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
             "trained_edges": int(mask.sum()), "invalid": run.collector.expected_leaves(run, valid) - int(valid.sum()),
             **({"sde_window": list(window)} if (window := sde_window(run.cfg, step)) else {}),
             **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **collected}

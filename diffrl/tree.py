@@ -111,7 +111,8 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
-def step_noise(tree_seed: int, step: int, count: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+def step_noise(tree_seed: int, step: int, count: int, shape: Sequence[int],
+               dtype: torch.dtype = torch.float32) -> Tensor:
     """``[count, *shape]`` standard normal noise of one tree at one step, drawn on the CPU from ``(tree_seed, step)``.
 
     step = -1 gives the root's initial noise (count 1). Row ``i`` is the noise of the i-th child created at ``step``.

@@ -17,7 +17,6 @@ from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.state import Batch, Run, Swap, TrainState
 from diffrl.tree import mix_seed
 
-
 STATS = ("kl", "clip_frac", "approx_kl", "ratio_mean", "ratio_dev", "policy_loss", "old_dev")
 """Every statistic ``optimize`` may return (the clipped-ratio path's and DiffusionNFT's)."""
 
@@ -102,7 +101,8 @@ def objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor, step: int = 0) -> dict[str, float]:
+def optimize(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], mask: Tensor,
+             step: int = 0) -> dict[str, float]:
     """The update of ``train.objective`` (see ``OBJECTIVES``)."""
     return objective(run.cfg.train.objective).update(run, batch, adv, mask, step)
 
@@ -118,7 +118,8 @@ def optimize_ppo(run: Run, batch: Batch, adv: Union[Tensor, dict[str, Tensor]], 
     cfg, tr, ad = run.cfg, batch.rollout.transitions, run.adapter
     cond_all = ad.encode(batch.prompts)
     n_elem, dev = math.prod(ad.latent_shape), tr.tree.device
-    groups = torch.arange(len(batch.prompts), device=dev).tensor_split(min(cfg.train.updates_per_epoch, len(batch.prompts)))
+    groups = torch.arange(len(batch.prompts), device=dev).tensor_split(
+        min(cfg.train.updates_per_epoch, len(batch.prompts)))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
         for u, trees in enumerate(groups):
@@ -168,8 +169,8 @@ def _apply_update(run: Run) -> None:
         raise NonFiniteError("the trained weights", f"hold non-finite values after the update (tensor {bad})")
 
 
-def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor, cond_all: dict,
-               n_elem: int, weight: float) -> dict[str, float]:
+def _edge_loss(run: Run, tr, adv: Union[Tensor, dict[str, Tensor]], edges: Tensor, parents: Tensor, parent_of: Tensor,
+               cond_all: dict, n_elem: int, weight: float) -> dict[str, float]:
     """Loss of some edges of one step and its backward, weighted (by their share of all trained edges; 0 for a
     process that only joins the others' collectives)."""
     cfg, ad, s = run.cfg, run.adapter, run.cfg.sampler
@@ -281,7 +282,8 @@ def forward_updates(run: Run, batch: Batch, adv: Tensor, mask: Tensor, step: int
     x0_all = batch.rollout.leaves.flatten(0, 1)
     cond_all = ad.encode(batch.prompts)
     snapshot = ad.trained_state_dict() if cfg.train.inner_epochs * cfg.train.updates_per_epoch > 1 else None
-    groups = torch.arange(mask.shape[0], device=leaf.device).tensor_split(min(cfg.train.updates_per_epoch, mask.shape[0]))
+    groups = torch.arange(mask.shape[0], device=leaf.device).tensor_split(
+        min(cfg.train.updates_per_epoch, mask.shape[0]))
     stats_sum: dict[str, float] = {}
     for epoch in range(cfg.train.inner_epochs):
         for u, trees in enumerate(groups):

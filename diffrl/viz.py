@@ -94,7 +94,8 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     d.rectangle([m, m, w - m, h - m], outline="gray")
     colors = [(30, 60, 200), (220, 60, 40), (40, 160, 60), (150, 60, 180)]
     for i, (name, (xs, ys)) in enumerate(series.items()):
-        pts = [(m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)) for x, y in zip(xs, ys)]
+        pts = [(m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
+               for x, y in zip(xs, ys)]
         color = colors[i % len(colors)]
         if len(pts) > 1:
             d.line(pts, fill=color, width=2)

@@ -19,7 +19,8 @@ class RewardModelError(RuntimeError):
 
 
 def as_tensor(media: Any) -> Tensor:
-    """``[B, 3, H, W]`` float in [0, 1] from a list of PIL images or such a tensor (frames of a video: flatten first)."""
+    """``[B, 3, H, W]`` float in [0, 1] from a list of PIL images or such a tensor (frames of a video: flatten
+    first)."""
     if isinstance(media, Tensor):
         if media.dim() != 4 or media.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(media.shape)}")
@@ -30,7 +31,8 @@ def as_tensor(media: Any) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def preprocess(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], pad_square: bool = False) -> Tensor:
+def preprocess(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+               pad_square: bool = False) -> Tensor:
     """Resize the shorter side to ``size`` (bicubic, antialiased), centre-crop, normalise: ``[B, 3, size, size]``.
 
     ``pad_square`` instead resizes the longer side and zero-pads to a square (HPSv2's evaluation transform).

@@ -6,9 +6,10 @@ a status and its key numbers, and writes the final ``acceptance.json`` / ``accep
     python scripts/_acceptance_report.py final OUTDIR MODE
 
 ``installed`` (after ``pip install --target SITE``) prints the wheels' count and size as a JSON line, and fails
-when the diffrl wheel lacks modules of this checkout. ``step`` appends one JSON line to ``OUTDIR/work/steps.jsonl`` and prints a one-line verdict. Every number comes
-from the step's own output: nothing here is a fixed result. ``final`` writes the two reports and prints, as its last
-line, one JSON line with ``"ok"`` (every step passed) and each step's status and seconds; it exits 0 when ok, else 1.
+when the diffrl wheel lacks modules of this checkout. ``step`` appends one JSON line to ``OUTDIR/work/steps.jsonl``
+and prints a one-line verdict. Every number comes from the step's own output: nothing here is a fixed result.
+``final`` writes the two reports and prints, as its last line, one JSON line with ``"ok"`` (every step passed) and
+each step's status and seconds; it exits 0 when ok, else 1.
 Standard library only: it runs before anything is installed.
 """
 from __future__ import annotations
@@ -91,7 +92,8 @@ def parse_train(log: str, work: Path, rc: int) -> tuple[bool, dict, str]:
     if not summary_file.is_file():
         return False, numbers, "no summary.json" + (f"; {last_error(log)}" if rc else "")
     summary = json.loads(summary_file.read_text())
-    metrics = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()] if metrics_file.is_file() else []
+    metrics = ([json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
+               if metrics_file.is_file() else [])
     numbers.update({k: summary.get(k) for k in ("steps", "base_accuracy", "final_accuracy", "wall_s")})
     if metrics:
         numbers["reward_first"] = round(metrics[0]["reward_mean"], 4)

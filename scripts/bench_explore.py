@@ -39,7 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def finite(x: float, digits: int = 4) -> Optional[float]:
@@ -100,7 +101,8 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
             "explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
             "full_precision_all_s": round(full_s, 3), "candidates": batch.previewed, "kept": len(kept),
             "refresh_s": round(run.explorer.refresh(), 4), "build_s": round(run.explorer.build_s, 3),
-            "path": "emulated" if run.explorer.path == "emulated" else ("fp8" if e.precision.startswith("fp8") else "fp4"),
+            "path": ("emulated" if run.explorer.path == "emulated"
+                     else ("fp8" if e.precision.startswith("fp8") else "fp4")),
             "path_reason": run.explorer.reason}
 
 
@@ -187,7 +189,7 @@ def gpu(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(calls):
-                    fn(**inputs)
+                    fn(**inputs)  # noqa: B023 (timed is called in the iteration that defines it)
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
 
@@ -209,7 +211,8 @@ def gpu(args: argparse.Namespace) -> None:
             row[f"{fmt}_speedup"] = row["bf16_forward_s"] / row[f"{fmt}_forward_s"]
         n_calls, k_calls, steps, preview = math.ceil(args.gpu_n / batch), math.ceil(args.gpu_k / batch), 10, 6
         row["bf16_only_iteration_s"] = timed(models["bf16"], n_calls * steps)
-        row["explore_regen_iteration_s"] = timed(models["fp8"], n_calls * preview) + timed(models["bf16"], k_calls * steps)
+        row["explore_regen_iteration_s"] = (timed(models["fp8"], n_calls * preview)
+                                            + timed(models["bf16"], k_calls * steps))
         row["iteration_speedup"] = row["bf16_only_iteration_s"] / row["explore_regen_iteration_s"]
         results[f"{px}px"] = {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}
         print(px, json.dumps(results[f"{px}px"]), flush=True)

@@ -30,9 +30,9 @@ def sd3(tiny: bool) -> Callable:
     from diffusers import SD3Transformer2DModel
 
     if tiny:
-        cfg = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                   joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                   pos_embed_max_size=32)
+        cfg = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+                   out_channels=4, pos_embed_max_size=32)
         text, ch, pooled = (8, 32), 4, 16
     else:  # SD3.5 Medium
         cfg = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,

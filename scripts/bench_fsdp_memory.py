@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["sampler.num_steps=2", "sampler.split_steps=[0]", "sampler.sde_window=null", "sampler.eval_steps=1", "sampler.guidance_scale=1.0",
-         "train.steps=1", "train.prompts_per_step=2", "data.eval_size=2", "data.eval_seeds=1", "log.eval_every=0",
-         "log.sample_every=0", "log.tensorboard=false", "log.checkpoint_every=1", "rewards={shapes_partial: 1.0}"]
+SMALL = ["sampler.num_steps=2", "sampler.split_steps=[0]", "sampler.sde_window=null", "sampler.eval_steps=1",
+         "sampler.guidance_scale=1.0", "train.steps=1", "train.prompts_per_step=2", "data.eval_size=2",
+         "data.eval_seeds=1", "log.eval_every=0", "log.sample_every=0", "log.tensorboard=false",
+         "log.checkpoint_every=1", "rewards={shapes_partial: 1.0}"]
 
 
 def rss_mb() -> float:
@@ -114,10 +115,13 @@ def main() -> None:
             extra = [*SMALL, "model.lora_rank=0", "train.lr=1e-6"] if mode == "full" else [*SMALL]
             one = measure(work / "model", 1, extra, work)
             two = measure(work / "model", 2, extra, work)
-            rows.append({"mode": mode, "unsharded": one, "fsdp2": two, "ratio": round(two["peak_mb"] / one["peak_mb"], 3)})
+            rows.append({"mode": mode, "unsharded": one, "fsdp2": two,
+                         "ratio": round(two["peak_mb"] / one["peak_mb"], 3)})
     lines = [f"Peak RSS per process, one RL step of a {params / 1e6:.0f}M-parameter SD3 transformer ({args.layers} "
-             f"blocks of width {args.dim}, fp32, random weights; {os.cpu_count()} CPUs, MALLOC_MMAP_THRESHOLD_=1 MB):", "",
-             "| training | 1 process, unsharded (MB) | FSDP2, 2 processes: per process (MB) | ratio | after imports (MB) |",
+             f"blocks of width {args.dim}, fp32, random weights; {os.cpu_count()} CPUs, "
+             "MALLOC_MMAP_THRESHOLD_=1 MB):", "",
+             "| training | 1 process, unsharded (MB) | FSDP2, 2 processes: per process (MB) | ratio "
+             "| after imports (MB) |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {'LoRA' if r['mode'] == 'lora' else 'full fine-tuning'} | {r['unsharded']['peak_mb']:.0f} | "

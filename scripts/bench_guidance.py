@@ -56,7 +56,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base = med["plain sampling (LoRA on)"]
-    cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+           f"torch {torch.__version__}")
     print(f"{len(prompts)} prompts, {T} steps, CFG {args.guidance}; {cpu}; median of {args.repeats}\n")
     print("| sampler | s | x plain |")
     print("|---|---:|---:|")

@@ -109,16 +109,17 @@ def bench_model(name: str, trees: int, repeats: int) -> dict:
     vel = TimedVelocity(tiny_sd3(name))
     cond = {"text": torch.randn(trees, TEXT_LEN, TEXT_DIM), "pooled": torch.randn(trees, POOLED_DIM)}
     rows: dict[str, list[float]] = {"model": [], "overhead": [], "adv": [], "loss": []}
+    # timed() calls each lambda at once, in the iteration that defines it: no late binding (B023).
     for rep in range(repeats + 1):  # repetition 0 is a warm-up (allocator, leaf_matrix cache), not recorded
         vel.seconds = 0.0
         seeds = [1000 * rep + t for t in range(trees)]
         with torch.no_grad():
-            t_roll, ro = timed(lambda: tree_rollout(vel, sched, sigmas, seeds, latent, cond=cond))
+            t_roll, ro = timed(lambda: tree_rollout(vel, sched, sigmas, seeds, latent, cond=cond))  # noqa: B023
         rewards = torch.randn(trees, sched.num_leaves)
         with torch.no_grad():
-            t_adv, edge_adv = timed(lambda: advantages_step(ro, sched, rewards))
+            t_adv, edge_adv = timed(lambda: advantages_step(ro, sched, rewards))  # noqa: B023
         inputs = loss_inputs(ro, edge_adv)
-        t_loss, _ = timed(lambda: loss_step(inputs, ro.transitions.x[0].numel()))
+        t_loss, _ = timed(lambda: loss_step(inputs, ro.transitions.x[0].numel()))  # noqa: B023
         if rep:
             for k, v in zip(rows, (vel.seconds, t_roll - vel.seconds, t_adv, t_loss)):
                 rows[k].append(1e3 * v)

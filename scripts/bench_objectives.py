@@ -51,7 +51,8 @@ def main() -> None:
     means = {}
     for o in args.objectives:
         mine = [r for r in rows if r["objective"] == o]
-        means[o] = {"final": statistics.mean(r["final"] for r in mine), "gain": statistics.mean(r["gain"] for r in mine),
+        means[o] = {"final": statistics.mean(r["final"] for r in mine),
+                    "gain": statistics.mean(r["gain"] for r in mine),
                     "gain_spread": max(r["gain"] for r in mine) - min(r["gain"] for r in mine),
                     "train_wall_s": statistics.mean(r["train_wall_s"] for r in mine)}
     first = args.objectives[0]

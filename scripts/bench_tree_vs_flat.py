@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -79,7 +79,8 @@ def main() -> None:
         common.append(f"sampler.split_steps=[{args.splits}]")
     cfg = load_config(args.config, common)
     if not cfg.sampler.split_steps:
-        raise SystemExit(f"{args.config} has no sampler.split_steps: name the tree's with --splits, e.g. --splits 0,1,2")
+        raise SystemExit(f"{args.config} has no sampler.split_steps: name the tree's with --splits, "
+                         "e.g. --splits 0,1,2")
     leaves = TreeSchedule(cfg.sampler.num_steps, cfg.sampler.split_steps, cfg.sampler.branch_factor).num_leaves
     tree_adv = "tree" if cfg.train.objective == "ppo" else "grpo"
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +107,8 @@ def main() -> None:
              if rows["tree"]["time_to_target_s"] is not None else None)
     print(f"target: flat's final reward (mean of its last {SMOOTH} steps) {target:.4f}; tree / flat time to target: "
           f"{'not reached' if ratio is None else f'{ratio:.2f}x'}\n")
-    print("| rollouts | NFE / step | s / step | time to target (s) | final reward | held-out accuracy (base -> final) |\n"
+    print("| rollouts | NFE / step | s / step | time to target (s) | final reward "
+          "| held-out accuracy (base -> final) |\n"
           "|---|---:|---:|---:|---:|---|")
     for name, r in rows.items():
         ttt = f"{r['time_to_target_s']:.0f}" if r["time_to_target_s"] is not None else "not reached"

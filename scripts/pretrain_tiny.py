@@ -5,14 +5,14 @@ pulled towards (r, g, b, 0), and the decoder sees it with a little noise so it f
 free-form latent code reconstructs as well but the transformer then denoises well from half noise yet draws
 fragments from pure noise (measured); in pixel-like latents objects are flat regions, which it learns in minutes.
 Stage 2 trains the SD3 transformer and the three text encoders jointly with the rectified-flow loss
-(x_s = (1 - s) z + s eps, target eps - z, s ~ U(0, 1), or shifted towards noise by ``--shift``) on the posterior means, with 10% of prompts dropped to "" so
-classifier-free guidance works, and keeps an EMA of the transformer; the EMA or the raw weights are kept, whichever
-scores higher. Every step
-draws fresh scenes from the seeded shapes grammar. Finally it scores 20-step samples per prompt kind with the
-shapes verifier and writes the model card.
+(x_s = (1 - s) z + s eps, target eps - z, s ~ U(0, 1), or shifted towards noise by ``--shift``) on the posterior
+means, with 10% of prompts dropped to "" so classifier-free guidance works, and keeps an EMA of the transformer; the
+EMA or the raw weights are kept, whichever scores higher. Every step draws fresh scenes from the seeded shapes
+grammar. Finally it scores 20-step samples per prompt kind with the shapes verifier and writes the model card.
 
-    python scripts/pretrain_tiny.py --out assets/tiny-sd3-shapes            # the shipped model's first run (about 39 min
-                                                                            # on 2 cores; its card lists the --init runs after it)
+    python scripts/pretrain_tiny.py --out assets/tiny-sd3-shapes            # the shipped model's first run (about
+                                                                            # 39 min on 2 cores; its card lists the
+                                                                            # --init runs after it)
     python scripts/pretrain_tiny.py --out /tmp/t --vae-steps 20 --steps 20  # smoke run
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ from rewards.shapes import shapes_reward
 RL_EVAL_N = 512
 
 
-def batch(rng: random.Random, n: int, kind_weights: Optional[dict[str, float]] = None) -> tuple[list[str], torch.Tensor]:
+def batch(rng: random.Random, n: int,
+          kind_weights: Optional[dict[str, float]] = None) -> tuple[list[str], torch.Tensor]:
     """``n`` fresh (prompt, image) pairs; images ``[n, 3, 32, 32]`` in [-1, 1]. Prompt kinds are uniform, or drawn
     with ``kind_weights`` (relative, per kind of ``KINDS``)."""
     prompts, images = [], []

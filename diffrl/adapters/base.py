@@ -294,7 +294,8 @@ class DiffusersAdapter:
     @contextlib.contextmanager
     def _resident(self, names: Sequence[str]) -> Iterator[None]:
         """With offload on, the named pipeline modules sit on the device inside the block and on the CPU after."""
-        modules = [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None] if self.offload else []
+        modules = ([getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+                   if self.offload else [])
         for m in modules:
             m.to(self.device)
         try:

@@ -1,5 +1,4 @@
 """An example diffrl reward plug-in: ``build(**options)`` returns the reward; the entry point names it ``redness``."""
-import torch
 
 
 def build(scale: float = 1.0):
