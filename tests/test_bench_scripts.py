@@ -59,7 +59,8 @@ def test_fsdp_memory_benchmark_runs_one_and_two_processes(tmp_path):
 def test_objectives_benchmark_runs_each_objective_per_seed(tmp_path):
     """bench_objectives.py on one tiny step per run: a row per (seed, objective), interleaved, and the means."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_objectives.py"), "--seeds", "0",
-                           "--objectives", "nft", "awm", "awm:train.lr=0.01,train.kl_weight=0", "--root", str(tmp_path), "train.steps=1", "train.prompts_per_step=2", "data.eval_size=2",
+                           "--objectives", "nft", "awm", "awm:train.lr=0.01,train.kl_weight=0", "--root", str(tmp_path),
+                           "train.steps=1", "train.prompts_per_step=2", "data.eval_size=2",
                            "sampler.eval_steps=2", "log.tensorboard=false", "log.sample_every=0", "log.eval_every=0"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

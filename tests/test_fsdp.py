@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def run(out: Path, launcher: list[str], *extra: str, steps: int = 2) -> str:
     overrides = [f"train.steps={steps}", "model.lora_rank=0", "train.lr=1e-4", "log.checkpoint_every=1"]
-    return launch_train(launcher, out, overrides + [e for e in extra if "=" in e], tuple(e for e in extra if "=" not in e))
+    return launch_train(launcher, out, overrides + [e for e in extra if "=" in e],
+                        tuple(e for e in extra if "=" not in e))
 
 
 def test_two_sharded_processes_train_what_one_process_trains(tmp_path):

@@ -172,8 +172,8 @@ def test_other_families_load_sharded_from_meta_and_train_what_one_process_trains
 
     pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline(two_experts=True)
     pipe.save_pretrained(str(tmp_path / "model"))
-    args = (f"model.family={family.rstrip('2')}", f"model.path={tmp_path / 'model'}", "model.resolution=32", "train.steps=2",
-            "train.lr=0.05", "sampler.eval_steps=2", "data.eval_size=2", "log.checkpoint_every=2",
+    args = (f"model.family={family.rstrip('2')}", f"model.path={tmp_path / 'model'}", "model.resolution=32",
+            "train.steps=2", "train.lr=0.05", "sampler.eval_steps=2", "data.eval_size=2", "log.checkpoint_every=2",
             *(["model.num_frames=5"] if family == "wan22" else []))
     train([sys.executable], "tiny_shapes_tree.yaml", tmp_path / "one", *args)
     train(TWO, "tiny_shapes_tree.yaml", tmp_path / "fsdp", "model.fsdp=true", *args)
@@ -182,8 +182,10 @@ def test_other_families_load_sharded_from_meta_and_train_what_one_process_trains
     # Wan 2.2's high-noise expert runs only the root step, whose depth-wise advantage is 0 with one tree per
     # prompt: its LoRA stays at its start (equal in both runs); the low-noise expert's trains.
     experts = ["lora"] + (["lora/transformer_2"] if family == "wan22" else [])
-    loras = {folder: [load_file(str(tmp_path / r / folder / "pytorch_lora_weights.safetensors")) for r in ("one", "fsdp")]
+    loras = {folder: [load_file(str(tmp_path / r / folder / "pytorch_lora_weights.safetensors"))
+                      for r in ("one", "fsdp")]
              for folder in experts}
     assert any(float(v.abs().sum()) > 0 for k, v in loras[experts[-1]][0].items() if "lora_B" in k)  # it trained
-    for folder, (a, b) in loras.items():  # float rounding through Adam at lr 0.05: measured 1.2e-4 (Wan), under 1e-4 (FLUX)
+    # float rounding through Adam at lr 0.05: measured 1.2e-4 (Wan), under 1e-4 (FLUX)
+    for folder, (a, b) in loras.items():
         assert relative_difference(a, b) < 1e-3, folder

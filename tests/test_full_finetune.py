@@ -7,7 +7,6 @@ import torch
 
 from diffrl import trainer
 from diffrl.config import load_config
-
 from tests_helpers import BRIGHT, MODEL, ROOT, TINY
 
 os.environ["HF_HUB_OFFLINE"] = "1"

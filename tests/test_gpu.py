@@ -95,7 +95,9 @@ def test_two_processes(tmp_path, fsdp):
         pytest.skip(f"two processes need 2 GPUs, this machine has {torch.cuda.device_count()}")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     log = train(launcher, "tiny_shapes_tree.yaml", ["train.prompts_per_step=4", "model.device=cuda",
-                                                    f"model.fsdp={str(fsdp).lower()}", "log.checkpoint_every=1"], tmp_path)
-    assert "process 0 of 2 processes (local rank 0, cuda:0)" in log and "process 1 of 2 processes (local rank 1, cuda:1)" in log
+                                                    f"model.fsdp={str(fsdp).lower()}", "log.checkpoint_every=1"],
+                tmp_path)
+    assert "process 0 of 2 processes (local rank 0, cuda:0)" in log
+    assert "process 1 of 2 processes (local rank 1, cuda:1)" in log
     if fsdp:
         assert "sharded over 2 processes" in log and (tmp_path / f"checkpoint-{STEPS:06d}" / "sharded").is_dir()

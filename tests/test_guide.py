@@ -13,7 +13,6 @@ from diffrl.guide import guided_sample, rl_guided_velocity, sweep
 from diffrl.inference import load_for_inference, sample
 from diffrl.rollout import tree_rollout
 from diffrl.tree import TreeSchedule, mix_seed
-
 from tests_helpers import MODEL
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -37,9 +37,8 @@ def test_a_guidance_scale_the_family_lacks_is_one_sentence(capsys):
 
 
 def test_wan22_s_second_expert_takes_its_own_guidance_scale():
-    from tiny_families import tiny_wan_pipeline
-
     from diffrl.adapters.wan import WanAdapter
+    from tiny_families import tiny_wan_pipeline
 
     adapter = WanAdapter(tiny_wan_pipeline(two_experts=True), resolution=32, num_frames=9, max_sequence_length=16)
     x = torch.randn(2, *adapter.latent_shape, generator=torch.Generator().manual_seed(0))

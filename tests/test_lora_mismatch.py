@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from diffrl.adapters import load_adapter_class
 from diffrl.adapters.base import ModelLoadError
 from diffrl.cli import main
-from diffrl.inference import LORA_WEIGHTS as WEIGHTS, check_lora_fits, load_for_inference, sample
-
+from diffrl.inference import LORA_WEIGHTS as WEIGHTS
+from diffrl.inference import check_lora_fits, load_for_inference, sample
 from tests_helpers import MODEL
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from diffrl.quant import (
-    FP4_GRID, EmulatedLowPrecisionLinear, choose_path, emulate_low_precision, fp4_round, fp8_round_trip,
-    mean_spearman, mxfp4_round_trip, nvfp4_round_trip, round_trip, select_candidates, spearman,
+    FP4_GRID,
+    EmulatedLowPrecisionLinear,
+    choose_path,
+    emulate_low_precision,
+    fp4_round,
+    fp8_round_trip,
+    mean_spearman,
+    mxfp4_round_trip,
+    nvfp4_round_trip,
+    round_trip,
+    select_candidates,
+    spearman,
 )
 
 

@@ -71,7 +71,8 @@ def test_examples_custom_rewards_load_three_ways(tmp_path):
     meta = (ROOT / "examples/reward_plugin/pyproject.toml").read_text()
     assert '[project.entry-points."diffrl.rewards"]\nredness = "redness_reward:build"' in meta
     code = ("import sys; sys.path.insert(0, 'examples/reward_plugin/src'); import torch, redness_reward; "
-            "x = torch.zeros(1, 3, 4, 4); x[:, 0] = 1; print(redness_reward.build(scale=2)(x, ['a'])['redness'].item())")
+            "x = torch.zeros(1, 3, 4, 4); x[:, 0] = 1; "
+            "print(redness_reward.build(scale=2)(x, ['a'])['redness'].item())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "2.0"
     # the CLI resolves dotted paths from the current directory, and serves them

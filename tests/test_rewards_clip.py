@@ -39,7 +39,8 @@ def test_preprocess_matches_torchvision():
     assert torch.allclose(ours, ref, atol=1e-5)
     padded = preprocess(x, 32, OPENAI_MEAN, OPENAI_STD, pad_square=True)
     assert padded.shape == (3, 3, 32, 32)
-    assert torch.allclose(padded[..., :, 0], -torch.tensor(OPENAI_MEAN)[None, :, None] / torch.tensor(OPENAI_STD)[None, :, None])
+    black = -torch.tensor(OPENAI_MEAN)[None, :, None] / torch.tensor(OPENAI_STD)[None, :, None]
+    assert torch.allclose(padded[..., :, 0], black)
 
 
 def test_clip_score_is_the_cosine_and_depends_on_the_pairing():

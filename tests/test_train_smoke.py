@@ -12,7 +12,6 @@ import torch
 
 from diffrl.config import load_config
 from diffrl.trainer import train
-
 from tests_helpers import BRIGHT, MODEL, ROOT, SUBPROCESS_ENV, TINY
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -220,7 +219,8 @@ def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
     args = TINY + ["train.steps=4", "log.checkpoint_every=1", "train.lr_schedule=cosine", "train.warmup_steps=1",
                    BRIGHT]
     cmd = [sys.executable, "-m", "diffrl", "train", str(ROOT / "configs" / "tiny_shapes_tree.yaml"), *args]
-    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, capture_output=True, timeout=600,
+                   env=SUBPROCESS_ENV)
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=SUBPROCESS_ENV)
     deadline = time.time() + 600
@@ -230,7 +230,8 @@ def test_a_run_killed_mid_step_resumes_to_the_same_metrics(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "b" / "run.lock").exists()  # the killed run's lock is left behind; resume sees it is stale
-    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600, env=SUBPROCESS_ENV)
+    subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, capture_output=True, timeout=600,
+                   env=SUBPROCESS_ENV)
     assert not (tmp_path / "b" / "run.lock").exists()
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert len(_metrics(tmp_path / "b")) == 4

@@ -15,7 +15,8 @@ TINY = [f"model.path={MODEL}", "rewards={shapes_partial: 1.0}", "sampler.num_ste
 
 
 def brightness(media, prompts):
-    """A continuous test reward (mean pixel value, images or videos): every leaf differs, so advantages are never all zero."""
+    """A continuous test reward (mean pixel value, images or videos): every leaf differs, so advantages are never
+    all zero."""
     return {"brightness": media.float().flatten(1).mean(1)}
 
 

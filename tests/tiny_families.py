@@ -51,9 +51,10 @@ def tiny_sana_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tok = gemma_tokenizer()
-    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
-                                         attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                         cross_attention_dim=8, caption_channels=8, sample_size=16)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=16)
     vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
                         decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),

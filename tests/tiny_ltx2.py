@@ -20,8 +20,13 @@ def tiny_ltx2_pipeline(seed: int = 0):
     ``num_frames = 8k + 1``, ``height`` and ``width`` multiples of 32 (e.g. 9 frames at 64 x 96 -> video latents
     ``[8, 2, 2, 3]``, audio latents ``[4, 9, 4]``)."""
     import torch
-    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
-                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
