@@ -6,11 +6,11 @@ and ``quant`` (FP8/FP4 grids, candidate selection); ``explore`` and ``guide`` ru
 """
 from diffrl.advantages import depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages
 from diffrl.guidance import rl_guidance
-from diffrl.guide import guided_sample
+from diffrl.guided_sampling import guided_sample
 from diffrl.loss import policy_loss
-from diffrl.quant import select_candidates
 from diffrl.rollout import tree_rollout
 from diffrl.sde import ddim_step, gaussian_log_prob, sde_step
+from diffrl.selection import select_candidates
 from diffrl.tree import TreeSchedule
 from diffrl.types import StepOut, Transitions, TreeRollout
 

@@ -73,7 +73,7 @@ def _guide(args: argparse.Namespace) -> int:
 
     import rewards
     from diffrl.adapters import shape_options
-    from diffrl.guide import load_reference, sweep
+    from diffrl.guided_sampling import load_reference, sweep
     from diffrl.inference import check_lora_path, load_for_inference
     from diffrl.prompts import eval_prompts
 

@@ -32,7 +32,7 @@ def rl_guidance(v_ref: Latents, v_rl: Latents, scale: Scale) -> Latents:
     return _combine(v_ref, v_rl, scale)
 
 
-def cfg(v_uncond: Latents, v_cond: Latents, scale: Scale) -> Latents:
+def classifier_free_guidance(v_uncond: Latents, v_cond: Latents, scale: Scale) -> Latents:
     """Classifier-free guidance ``v_uncond + scale (v_cond - v_uncond)``."""
     return _combine(v_uncond, v_cond, scale)
 

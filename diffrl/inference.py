@@ -12,7 +12,8 @@ from torch import Tensor
 
 from diffrl.adapters.base import DiffusersAdapter, ModelLoadError
 from diffrl.rollout import tree_rollout
-from diffrl.tree import TreeSchedule, mix_seed
+from diffrl.seeding import mix_seed
+from diffrl.tree import TreeSchedule
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from diffrl.seeding import mix_seed
 from diffrl.shapes import KINDS, prompt_of, random_scene
-from diffrl.tree import mix_seed
 
 
 class PromptError(ValueError):

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from diffrl.sde import SDE_KINDS, sde_step
-from diffrl.tree import TreeSchedule, step_noise
+from diffrl.seeding import step_noise
+from diffrl.tree import TreeSchedule
 from diffrl.types import Transitions, TreeRollout
 
 VelocityFn = Callable[..., Tensor]

@@ -82,9 +82,9 @@ class Batch:
     images: Union[Tensor, dict]
     rollout_s: float
     pending_scores: list[Future] = field(default_factory=list)  # background scoring of rollout chunks
-    preview: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
+    preview_rewards: Optional[Tensor] = None  # exploration: [prompts, keep] preview rewards of the kept leaves
     explore_s: float = 0.0  # exploration: preview rollouts and their rewards
-    previewed: int = 0  # exploration: candidate leaves previewed
+    num_previewed: int = 0  # exploration: candidate leaves previewed
 
 
 class Swap:

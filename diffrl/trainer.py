@@ -32,12 +32,13 @@ from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.guard import NonFiniteError, check_finite
 from diffrl.inference import EVAL_SEED, sample
 from diffrl.prompts import PromptStream, eval_prompts
-from diffrl.quant import mean_spearman, select_candidates
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import mix_window_start, subsample_steps, window_mask
 from diffrl.scoring import check_valid, score_batch, score_samples, submit
+from diffrl.seeding import mix_seed
+from diffrl.selection import mean_spearman, select_candidates
 from diffrl.state import Batch, Run, Swap, TrainState
-from diffrl.tree import TreeSchedule, depth_prune_mask, mix_seed, width_prune_mask
+from diffrl.tree import TreeSchedule, depth_prune_mask, width_prune_mask
 from diffrl.update import STATS, ema_update, objective, optimize, set_lr
 from diffrl.viz import cat_media, image_grid, stills, training_curves
 
@@ -277,8 +278,8 @@ def collect_explored(run: Run, step: int) -> Batch:
     with torch.no_grad():
         images = run.adapter.decode(ro.leaves[kept.to(ro.leaves.device)])
     return Batch(prompts=prompts, all_prompts=all_prompts, first_tree=first, rollout=ro, images=images,
-                 rollout_s=time.perf_counter() - t0, preview=pre.rewards.gather(1, picks), explore_s=pre.seconds,
-                 previewed=pre.leaves)
+                 rollout_s=time.perf_counter() - t0, preview_rewards=pre.rewards.gather(1, picks),
+                 explore_s=pre.seconds, num_previewed=pre.leaves)
 
 
 def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -623,9 +624,10 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
 def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
     """Exploration's timings, throughput and preview/regenerated rank agreement (this process's prompts)."""
     local = leaf_r[batch.first_tree : batch.first_tree + len(batch.prompts)].cpu()
-    rho = mean_spearman(batch.preview.cpu(), local[batch.rollout.kept.cpu()].reshape(batch.preview.shape))
+    preview = batch.preview_rewards.cpu()
+    rho = mean_spearman(preview, local[batch.rollout.kept.cpu()].reshape(preview.shape))
     return {"explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
-            "candidates_per_s": round(batch.previewed / batch.explore_s, 2),
+            "candidates_per_s": round(batch.num_previewed / batch.explore_s, 2),
             "spearman": None if math.isnan(rho) else round(rho, 4)}
 
 

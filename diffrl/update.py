@@ -14,8 +14,8 @@ from diffrl.fsdp import local_part
 from diffrl.guard import NonFiniteError, check_finite
 from diffrl.loss import awm_loss, kl_convention_scale, nft_loss, policy_loss
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
+from diffrl.seeding import mix_seed
 from diffrl.state import Batch, Run, Swap, TrainState
-from diffrl.tree import mix_seed
 
 STATS = ("kl", "clip_frac", "approx_kl", "ratio_mean", "ratio_dev", "policy_loss", "old_dev")
 """Every statistic ``optimize`` may return (the clipped-ratio path's and DiffusionNFT's)."""

@@ -64,9 +64,9 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
     from diffrl import trainer
     from diffrl.config import load_config
     from diffrl.explore import preview
-    from diffrl.quant import mean_spearman
     from diffrl.rollout import tree_rollout
     from diffrl.scoring import score_batch
+    from diffrl.selection import mean_spearman
 
     run = trainer.build(load_config("configs/tiny_shapes_tree.yaml", overrides), out)
     e, s = run.cfg.explore, run.cfg.sampler
@@ -95,11 +95,11 @@ def exploration_step(overrides: list[str], out: Path) -> dict:
     pre = preview(run.explorer, run.rewards, run.cfg.rewards, batch.prompts, all_seeds, e.candidates,
                   schedule=run.schedule, sigmas=run.sigmas, rollout_options=opts, guidance=s.guidance_scale,
                   ode_steps=(e.preview_steps or s.num_steps) if e.preview == "ode" else None, max_batch=run.minibatch)
-    kept_full = full_r.flatten()[kept].reshape(batch.preview.shape)
+    kept_full = full_r.flatten()[kept].reshape(batch.preview_rewards.shape)
     return {"regen_exact": bool(exact), "spearman": finite(mean_spearman(pre.rewards, full_r)),
-            "spearman_kept": finite(mean_spearman(batch.preview, kept_full)),
+            "spearman_kept": finite(mean_spearman(batch.preview_rewards, kept_full)),
             "explore_s": round(batch.explore_s, 3), "regen_s": round(batch.rollout_s, 3),
-            "full_precision_all_s": round(full_s, 3), "candidates": batch.previewed, "kept": len(kept),
+            "full_precision_all_s": round(full_s, 3), "candidates": batch.num_previewed, "kept": len(kept),
             "refresh_s": round(run.explorer.refresh(), 4), "build_s": round(run.explorer.build_s, 3),
             "path": ("emulated" if run.explorer.path == "emulated"
                      else ("fp8" if e.precision.startswith("fp8") else "fp4")),

@@ -41,7 +41,7 @@ def build_model(folder: Path, layers: int, dim: int) -> int:
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from diffrl.adapters.tiny import CLIP_PROJ, T5_DIM, tiny_sd3_pipeline
+    from diffrl.tiny_pipeline import CLIP_PROJ, T5_DIM, tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline()
     torch.manual_seed(0)

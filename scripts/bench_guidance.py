@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     from diffrl.guidance import guidance_schedule
-    from diffrl.guide import guided_sample
+    from diffrl.guided_sampling import guided_sample
     from diffrl.inference import load_for_inference, sample
     from diffrl.prompts import eval_prompts
 

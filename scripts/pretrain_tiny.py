@@ -32,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from diffrl import checkpoint
-from diffrl.adapters.tiny import T5_LEN, tiny_sd3_pipeline
 from diffrl.inference import EVAL_GUIDANCE
 from diffrl.shapes import KINDS, prompt_of, random_scene, render
+from diffrl.tiny_pipeline import T5_LEN, tiny_sd3_pipeline
 from rewards.shapes import shapes_reward
 
 RL_EVAL_N = 512
@@ -284,7 +284,7 @@ A tiny `StableDiffusion3Pipeline` (diffusers) for the shapes world of diffrl: 32
 circles, squares and triangles on black, prompted by counts, colours, sizes and spatial relations. It exists
 so that RL fine-tuning runs end to end on a CPU with no model hub; it is not a general image model.
 
-- Components (built in code by `diffrl/adapters/tiny.py`): SD3Transformer2DModel (6 layers, 4 heads x 32,
+- Components (built in code by `diffrl/tiny_pipeline.py`): SD3Transformer2DModel (6 layers, 4 heads x 32,
   patch 4, 4 x 32 x 32 latents, {card["transformer_params"]} parameters), an x1 AutoencoderKL with pixel-aligned
   latents, two CLIP text encoders (hidden 32) and a T5 encoder (d_model 64) with word-level tokenizers built from
   the grammar.

@@ -5,7 +5,7 @@ from diffrl.adapters.interface import Adapter
 from diffrl.adapters.sd3 import SD3Adapter
 from tests_helpers import MODEL, ROOT
 
-USERS = ["trainer.py", "update.py", "state.py", "explore.py", "inference.py", "guide.py"]
+USERS = ["trainer.py", "update.py", "state.py", "explore.py", "inference.py", "guided_sampling.py"]
 """The modules that drive a family through its adapter."""
 
 

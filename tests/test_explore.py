@@ -118,7 +118,7 @@ def test_regeneration_reproduces_the_full_precision_trajectories_of_the_kept_see
     for field in ("x", "x_next", "mean", "log_prob", "std"):
         assert torch.equal(getattr(batch.rollout.transitions, field), getattr(direct.transitions, field)), field
     assert batch.rollout.nfe == 4 * s.num_steps  # only the kept chains were regenerated
-    assert batch.preview.shape == (2, 2) and batch.previewed == 8
+    assert batch.preview_rewards.shape == (2, 2) and batch.num_previewed == 8
 
 
 def test_keeping_every_candidate_trains_bit_identically_to_the_plain_trainer(tmp_path):

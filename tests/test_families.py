@@ -10,8 +10,8 @@ import torch
 from diffrl.adapters import load_adapter_class
 from diffrl.config import load_config
 from diffrl.inference import load_for_inference, sample
+from diffrl.seeding import mix_seed, step_noise
 from diffrl.trainer import train
-from diffrl.tree import mix_seed, step_noise
 from tests_helpers import BRIGHT, ROOT, TINY
 from tiny_families import tiny_flux_pipeline, tiny_sana_pipeline, tiny_wan_pipeline
 

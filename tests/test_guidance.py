@@ -1,7 +1,7 @@
 """RL guidance and CFG combines."""
 import torch
 
-from diffrl.guidance import cfg, guidance_schedule, rl_guidance
+from diffrl.guidance import classifier_free_guidance, guidance_schedule, rl_guidance
 
 
 def test_endpoints_are_exact():
@@ -23,7 +23,7 @@ def test_linear_in_scale_and_per_sample_scales():
 def test_cfg_per_model_then_rlg_matches_the_formula():
     g = torch.Generator().manual_seed(1)
     ru, rc, pu, pc = (torch.randn(2, 6, generator=g) for _ in range(4))
-    v = rl_guidance(cfg(ru, rc, 4.5), cfg(pu, pc, 4.5), 1.5)
+    v = rl_guidance(classifier_free_guidance(ru, rc, 4.5), classifier_free_guidance(pu, pc, 4.5), 1.5)
     ref = ru + 4.5 * (rc - ru)
     pol = pu + 4.5 * (pc - pu)
     torch.testing.assert_close(v, ref + 1.5 * (pol - ref))

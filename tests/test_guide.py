@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from diffrl.cli import main
-from diffrl.guidance import cfg, guidance_schedule
-from diffrl.guide import guided_sample, rl_guided_velocity, sweep
+from diffrl.guidance import classifier_free_guidance, guidance_schedule
+from diffrl.guided_sampling import guided_sample, rl_guided_velocity, sweep
 from diffrl.inference import load_for_inference, sample
 from diffrl.rollout import tree_rollout
-from diffrl.tree import TreeSchedule, mix_seed
+from diffrl.seeding import mix_seed
+from diffrl.tree import TreeSchedule
 from tests_helpers import MODEL
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,8 +58,8 @@ def test_velocity_is_linear_in_w_and_each_model_has_its_own_cfg(tuned):
         v = {w: rl_guided_velocity(ad, torch.full((4,), w), sigmas, 4.5, ref_guidance=2.0)(x, sigma, cond)
              for w in (0.0, 0.5, 1.0, 2.0)}
         with ad.reference():
-            ref = cfg(ad.velocity(x, sigma, uncond, 1.0), ad.velocity(x, sigma, cond, 1.0), 2.0)
-        pol = cfg(ad.velocity(x, sigma, uncond, 1.0), ad.velocity(x, sigma, cond, 1.0), 4.5)
+            ref = classifier_free_guidance(ad.velocity(x, sigma, uncond, 1.0), ad.velocity(x, sigma, cond, 1.0), 2.0)
+        pol = classifier_free_guidance(ad.velocity(x, sigma, uncond, 1.0), ad.velocity(x, sigma, cond, 1.0), 4.5)
     torch.testing.assert_close(v[0.0], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v[1.0], pol, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v[0.5], (v[0.0] + v[1.0]) / 2, atol=1e-5, rtol=1e-5)

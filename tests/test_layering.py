@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 L1 = ["diffrl.types", "diffrl.sde", "diffrl.schedule", "diffrl.tree", "diffrl.advantages", "diffrl.loss",
-      "diffrl.guidance", "diffrl.quant", "diffrl.rollout", "diffrl"]
+      "diffrl.guidance", "diffrl.quant", "diffrl.selection", "diffrl.seeding", "diffrl.rollout", "diffrl"]
 HEAVY = ["diffusers", "transformers", "peft", "accelerate", "open_clip", "torchao"]
 
 

@@ -11,8 +11,8 @@ import torch
 from diffrl.adapters.ltx2 import LTX2Adapter
 from diffrl.config import load_config
 from diffrl.inference import load_for_inference, sample
+from diffrl.seeding import mix_seed, step_noise
 from diffrl.trainer import train
-from diffrl.tree import mix_seed, step_noise
 from tests_helpers import ROOT, TINY
 from tiny_ltx2 import FAST_CALL, tiny_ltx2_pipeline
 

@@ -11,13 +11,11 @@ from diffrl.quant import (
     emulate_low_precision,
     fp4_round,
     fp8_round_trip,
-    mean_spearman,
     mxfp4_round_trip,
     nvfp4_round_trip,
     round_trip,
-    select_candidates,
-    spearman,
 )
+from diffrl.selection import mean_spearman, select_candidates, spearman
 
 
 def e4m3_values() -> torch.Tensor:

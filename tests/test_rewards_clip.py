@@ -114,7 +114,7 @@ def test_hpsv2_loads_its_checkpoint_over_the_backbone(tmp_path):
 def test_pickscore_equals_clipmodel_logits(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffrl.adapters.tiny import clip_tokenizer
+    from diffrl.tiny_pipeline import clip_tokenizer
 
     tok = clip_tokenizer()
     cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,

@@ -191,7 +191,7 @@ def test_lora_export_loads_into_a_plain_diffusers_pipeline(tmp_path, targets):
     from diffusers import StableDiffusion3Pipeline
 
     from diffrl.inference import load_for_inference, sample
-    from diffrl.tree import mix_seed, step_noise
+    from diffrl.seeding import mix_seed, step_noise
 
     train(tiny_cfg("train.steps=1", "train.lr=0.05", BRIGHT, targets), out=str(tmp_path))
     prompts = ["a red circle to the left of a blue square", "three green triangles"]

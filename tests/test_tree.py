@@ -7,7 +7,8 @@ import torch
 from diffrl.rollout import trained_edges, tree_rollout
 from diffrl.schedule import flow_sigmas, window_mask
 from diffrl.sde import sde_step
-from diffrl.tree import TreeSchedule, depth_prune_mask, node_leaf_index, step_noise, width_prune_mask
+from diffrl.seeding import step_noise
+from diffrl.tree import TreeSchedule, depth_prune_mask, node_leaf_index, width_prune_mask
 
 SCHEDULES = [
     (20, [0, 3, 6, 9], 2),

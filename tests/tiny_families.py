@@ -2,7 +2,7 @@
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from diffrl.adapters.tiny import CLIP_HIDDEN, CLIP_LEN, T5_DIM, clip_tokenizer, t5_tokenizer
+from diffrl.tiny_pipeline import CLIP_HIDDEN, CLIP_LEN, T5_DIM, clip_tokenizer, t5_tokenizer
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from diffrl.backends import check_attention_backend
-from diffrl.guidance import cfg
+from diffrl.guidance import classifier_free_guidance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "connectors")
@@ -209,7 +209,7 @@ class DiffusersAdapter:
         if guidance_scale == 1.0:
             return forward(x, sigma, cond)
         v_u, v_c = forward(*self.with_unconditional(x, sigma, cond)).chunk(2)
-        return cfg(v_u, v_c, guidance_scale)
+        return classifier_free_guidance(v_u, v_c, guidance_scale)
 
     def with_unconditional(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict]:
         """CFG's one batch: ``x``, ``sigma`` and ``cond`` (``[n, ...]``) doubled to ``2n`` rows, the unconditional

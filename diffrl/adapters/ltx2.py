@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from diffrl.adapters.base import DiffusersAdapter, load_pipeline
-from diffrl.guidance import cfg
+from diffrl.guidance import classifier_free_guidance
 
 
 class LTX2Adapter(DiffusersAdapter):
@@ -106,7 +106,8 @@ class LTX2Adapter(DiffusersAdapter):
             v_video, v_audio = self._forward(x, sigma, cond)
         else:
             v_video, v_audio = self._forward(*self.with_unconditional(x, sigma, cond))
-            v_video, v_audio = cfg(*v_video.chunk(2), guidance_scale), cfg(*v_audio.chunk(2), g_audio)
+            v_video = classifier_free_guidance(*v_video.chunk(2), guidance_scale)
+            v_audio = classifier_free_guidance(*v_audio.chunk(2), g_audio)
         return torch.cat([v_video.flatten(1), v_audio.flatten(1)], dim=1)
 
     def _decode(self, latents: Tensor) -> dict:

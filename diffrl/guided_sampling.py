@@ -16,7 +16,8 @@ from torch import Tensor
 
 from diffrl.guidance import guidance_schedule, rl_guidance
 from diffrl.rollout import tree_rollout
-from diffrl.tree import TreeSchedule, mix_seed
+from diffrl.seeding import mix_seed
+from diffrl.tree import TreeSchedule
 
 
 def rl_guided_velocity(adapter: Any, w: Tensor, sigmas: Tensor, guidance: float, ref_guidance: Optional[float] = None,
