@@ -28,6 +28,8 @@ class ModelConfig:
     path: str = "assets/tiny-sd3-shapes"
     """Local diffusers pipeline folder or hub id (hub ids need network unless cached)."""
     device: str = "cpu"
+    """Where the model runs: cpu, cuda (this process's GPU, ``cuda:LOCAL_RANK`` under torchrun/accelerate), cuda:N,
+    or auto (a GPU when one is visible, else the CPU)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16 (log-prob math is fp32 whatever this is)."""
     resolution: Optional[int] = None
@@ -55,6 +57,8 @@ class ModelConfig:
     lora_alpha: float = 8.0
     """LoRA scale alpha (the update is scaled by alpha / rank). Range: (0, inf)."""
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (suffixes) the LoRA adapts in every denoiser, e.g. ``[to_q, to_v]``; a name that matches no
+    module is an error."""
 
 
 @dataclass
@@ -192,6 +196,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     """EMA of the LoRA weights used for evaluation and export (0 disables it). Range: [0, 1)."""
     seed: int = 0
+    """Seed of the prompts' order, the rollouts' noise, the LoRA's initialisation and every random choice of the run
+    (the held-out evaluation is seeded apart from it)."""
 
 
 @dataclass
@@ -199,6 +205,8 @@ class ExploreConfig:
     """Low-precision exploration with exact regeneration (Sol-RL; ``diffrl.explore``)."""
 
     enabled: bool = False
+    """Explore with a low-precision copy of the policy, then regenerate the kept candidates in full precision
+    (Sol-RL)."""
     candidates: int = 4
     """Trees (flat: chains) previewed per prompt; replaces ``train.trees_per_prompt`` while exploring.
     Range: [1, 1000]."""
@@ -251,6 +259,7 @@ class DataConfig:
 @dataclass
 class LogConfig:
     out: str = "runs/tiny_shapes"
+    """The run directory (``--out`` overrides it): config, metrics, grids, checkpoints, the export, summary.json."""
     sample_every: int = 10
     """Steps between sample grids (0: none). Range: [0, inf)."""
     eval_every: int = 20
@@ -258,6 +267,7 @@ class LogConfig:
     checkpoint_every: int = 5
     """Steps between checkpoints (the last step always saves one). Range: [1, inf)."""
     tensorboard: bool = True
+    """Write TensorBoard event files (``tensorboard/`` in the run directory) beside ``metrics.jsonl``."""
     save_advantages: bool = False
     """Write every step's node advantages (all trees) to the run directory, for checking and debugging."""
 

@@ -2,8 +2,8 @@
 
 Each row is one field: its dotted key, type, default (as YAML reads it), allowed values (``CHOICES``, the registries
 that ``validate`` checks, ``RANGES``) and its attribute docstring, read with ``ast`` from diffrl/config.py's source
-(attribute docstrings do not exist at runtime). A field without a docstring stops the script (``MissingDocstring``)
-unless ``UNDOCUMENTED`` lists it, so a new key cannot reach the page undocumented. tests/test_config_reference.py
+(attribute docstrings do not exist at runtime). A field without a docstring stops the script (``MissingDocstring``),
+so a new key cannot reach the page undocumented. tests/test_config_reference.py
 fails while the committed page differs from what this script writes.
 
 Run: ``python scripts/config_reference.py`` (writes the page) or ``python scripts/config_reference.py --check`` (exit
@@ -42,16 +42,8 @@ REGISTRIES: dict[str, tuple[str, str, str]] = {
 }
 """Key -> (module, registry, what else is accepted): the names ``validate`` (or ``_name_errors``) checks against."""
 
-UNDOCUMENTED: frozenset[str] = frozenset({"model.device", "model.lora_targets", "train.seed", "explore.enabled",
-                                          "log.out", "log.tensorboard"})
-"""Keys that had no docstring in diffrl/config.py when this page was introduced; any other undocumented key is an
-error. Remove a key from here once diffrl/config.py documents it (the script says so)."""
-
-NO_DOCSTRING = "*(no docstring in `diffrl/config.py` yet)*"
-
-
 class MissingDocstring(ValueError):
-    """A config field has no attribute docstring (or ``UNDOCUMENTED`` names a field that has one now)."""
+    """A config field has no attribute docstring."""
 
 
 def field_docstrings(source: str) -> dict[tuple[str, str], Optional[str]]:
@@ -122,18 +114,16 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def sections(root: type, source: str, *, choices: dict = CHOICES, ranges: dict = RANGES,
-             registries: dict = REGISTRIES, undocumented: frozenset = UNDOCUMENTED) -> list[tuple[str, str, list]]:
+             registries: dict = REGISTRIES) -> list[tuple[str, str, list]]:
     """[(section key, its intro, its rows)] in field order: a dataclass-typed field is a section (nested ones right
     after their parent's table), and each plain field of the root is a section of one row. Each row is (key, type,
     default, allowed, docstring). Raises ``MissingDocstring`` listing every undocumented field, and ``ValueError`` if
     a key of ``choices``, ``ranges`` or ``registries`` names no field."""
-    docs, class_docs, missing, stale, out = field_docstrings(source), class_docstrings(source), [], [], []
+    docs, class_docs, missing, out = field_docstrings(source), class_docstrings(source), [], []
 
     def row(key: str, f: dataclasses.Field, hint: Any, doc: Optional[str]) -> tuple:
-        if doc is None and key not in undocumented:
+        if doc is None:
             missing.append(key)
-        if doc is not None and key in undocumented:
-            stale.append(key)
         return (key, type_text(hint), yaml_text(default_of(f)), allowed_text(key, choices, ranges, registries),
                 doc)
 
@@ -157,12 +147,9 @@ def sections(root: type, source: str, *, choices: dict = CHOICES, ranges: dict =
                 walk(sub, f"{key}.", text)
 
     walk(root, "", "")
-    if missing or stale:
-        raise MissingDocstring(
-            (f"config fields without a docstring in {CONFIG_SOURCE.name}: {', '.join(missing)}; document each with a "
-             "string literal right after the field. " if missing else "")
-            + (f"{', '.join(stale)} have a docstring now: remove them from UNDOCUMENTED in "
-               "scripts/config_reference.py." if stale else ""))
+    if missing:
+        raise MissingDocstring(f"config fields without a docstring in {CONFIG_SOURCE.name}: {', '.join(missing)}; "
+                               "document each with a string literal right after the field.")
     keys = {r[0] for _, _, rows in out for r in rows}
     unknown = sorted(k for k in [*choices, *ranges, *registries] if k not in keys)
     if unknown:
@@ -207,8 +194,7 @@ def render(root: type = Config, source: Optional[str] = None, **tables: Any) -> 
         lines += [f"## {key}", ""] + ([cell(intro), ""] if intro else [])
         lines += ["| key | type | default | allowed | description |", "| --- | --- | --- | --- | --- |"]
         for name, tp, default, allowed, doc in rows:
-            lines.append(f"| `{name}` | {cell(tp)} | `{cell(default)}` | {cell(allowed)} | "
-                         f"{cell(doc) if doc is not None else NO_DOCSTRING} |")
+            lines.append(f"| `{name}` | {cell(tp)} | `{cell(default)}` | {cell(allowed)} | {cell(doc)} |")
         lines.append("")
     return "\n".join(lines)
 

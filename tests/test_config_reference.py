@@ -91,15 +91,14 @@ def test_a_field_without_a_docstring_stops_the_script(reference):
     assert reference.field_docstrings(SYNTHETIC)[("Inner", "ratio")] == "A ratio. Range: (0, 1]."
     tables = dict(choices={}, ranges={"inner.ratio": "(0, 1]"}, registries={})
     with pytest.raises(reference.MissingDocstring, match=r"without a docstring in config\.py: inner\.name;"):
-        reference.render(_synthetic(), SYNTHETIC, **tables, undocumented=frozenset())
-    page = reference.render(_synthetic(), SYNTHETIC, **tables, undocumented=frozenset({"inner.name"}))
+        reference.render(_synthetic(), SYNTHETIC, **tables)
+    field = "    name: Optional[str] = None\n"
+    documented = SYNTHETIC.replace(field, field + '    """A name."""\n')
+    page = reference.render(_synthetic(), documented, **tables)
     assert "| `inner.ratio` | float | `0.5` | `(0, 1]` | A ratio. Range: (0, 1]. |" in page
     assert "| `size` | int | `3` |  | A size \\| with a pipe, on two lines &lt;b>. |" in page  # one line, escaped
-    with pytest.raises(reference.MissingDocstring, match="size have a docstring now: remove them from UNDOCUMENTED"):
-        reference.render(_synthetic(), SYNTHETIC, **tables, undocumented=frozenset({"inner.name", "size"}))
     with pytest.raises(ValueError, match=r"no config field: \['inner.missing'\]"):
-        reference.render(_synthetic(), SYNTHETIC, choices={"inner.missing": ("a",)}, ranges={}, registries={},
-                         undocumented=frozenset({"inner.name"}))
+        reference.render(_synthetic(), documented, choices={"inner.missing": ("a",)}, ranges={}, registries={})
 
 
 def test_check_exits_1_with_one_sentence_when_the_page_is_stale(tmp_path):
