@@ -1,4 +1,4 @@
-"""What happens when things go wrong (issue 30's nine points): a run that goes non-finite stops and exports nothing
+"""What happens when things go wrong: a run that goes non-finite stops and exports nothing
 non-finite; a run directory is owned by one run; a hung reward cannot keep a run alive; a resume checks its config;
 bad input is one sentence with exit code 2. (The reward server's limits: test_remote_limits.py; LoRAs that do not
 fit: test_lora_mismatch.py.)"""

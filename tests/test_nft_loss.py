@@ -1,4 +1,4 @@
-"""DiffusionNFT objective (papers.md part 1 (i)) against a hand-worked example and its closed-form gradient."""
+"""DiffusionNFT objective (arXiv 2509.16117) against a hand-worked example and its closed-form gradient."""
 import pytest
 import torch
 

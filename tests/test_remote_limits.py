@@ -1,4 +1,4 @@
-"""The reward server's limits (issue 30, point 7): pixel budgets read from PNG headers before any decoding, a 400 for
+"""The reward server's limits: pixel budgets read from PNG headers before any decoding, a 400 for
 every malformed request, a socket timeout for half-sent requests, and a cap on concurrent handler threads."""
 import base64
 import io

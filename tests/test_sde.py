@@ -39,7 +39,7 @@ def test_log_prob_of_sampled_step_matches_normal(shape, kind):
 
 
 def _flow_reference(x, v, s, s_next, a):
-    """Flow-GRPO's expanded form, papers.md (a): x (1 + st^2 dt / 2s) + v (1 + st^2 (1 - s) / 2s) dt."""
+    """Flow-GRPO's expanded form (arXiv 2505.05470): x (1 + st^2 dt / 2s) + v (1 + st^2 (1 - s) / 2s) dt."""
     dt = s_next - s
     st = a * math.sqrt(s / (1 - (s_next if s == 1 else s)))
     mean = x * (1 + st**2 / (2 * s) * dt) + v * (1 + st**2 * (1 - s) / (2 * s)) * dt
@@ -61,7 +61,7 @@ def test_dance_std_is_eta_sqrt_dt_and_drift_matches_flow_with_constant_sigma_t()
     out = sde_step(x, v, 0.8, 0.7, kind="dance", noise_level=0.3, noise=torch.zeros_like(x))
     torch.testing.assert_close(out.std, torch.full((2,), 0.3 * math.sqrt(0.1)))
     x0_hat = x - 0.8 * v
-    score = -(x - 0.2 * x0_hat) / 0.8**2  # DanceGRPO's score estimate, papers.md (b)
+    score = -(x - 0.2 * x0_hat) / 0.8**2  # DanceGRPO's score estimate (arXiv 2505.07818)
     torch.testing.assert_close(out.mean, x + (0.7 - 0.8) * (v - 0.3**2 / 2 * score))
 
 

@@ -43,7 +43,7 @@ def test_leaves_and_nfe_match_brute_force_and_formula(num_steps, splits, factors
 
 def test_branchgrpo_launcher_schedule_costs_203_evaluations():
     tree = TreeSchedule(20, [0, 3, 6, 9])
-    assert (tree.num_leaves, tree.nfe) == (16, 203)  # papers.md (c): 203 / 16 ~ 12.7 per leaf
+    assert (tree.num_leaves, tree.nfe) == (16, 203)  # BranchGRPO's example: 203 / 16 ~ 12.7 per leaf
 
 
 def test_leaf_matrix_matches_walking_parents():
