@@ -308,11 +308,12 @@ guidance 4.5, seed {a["seed"]}:
 
 On the count/relation prompts RL is evaluated on (`diffrl eval --model assets/tiny-sd3-shapes --n {rl_n}`): strict
 {rl["accuracy"]:.3f} on {rl_n} prompts (count {rl["accuracy_count"]:.3f}, relation {rl["accuracy_relation"]:.3f}).
-{_cfg_free_line(card)}`python scripts/probe_headroom.py` measures pass@k of the base on the main job's held-out prompts.
+{_cfg_free_line(card)}`python scripts/research/probe_headroom.py` measures pass@k of the base on the main job's
+held-out prompts.
 
 **Status.** An RL starting point: the strict scores above say what it already gets right and what is left for RL.
-What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl README ("Status of the embedded
-model").
+What RL fine-tuning does to this model on a 2-core CPU is measured in the diffrl docs
+(docs/research/embedded-model.md).
 """)
 
 
