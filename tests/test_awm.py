@@ -60,8 +60,8 @@ def test_the_kl_term_is_the_mean_squared_velocity_gap_to_the_reference():
 
 def test_awm_is_a_per_leaf_objective_of_the_registry():
     assert OBJECTIVES["awm"].per_leaf and OBJECTIVES["nft"].per_leaf and not OBJECTIVES["ppo"].per_leaf
-    with pytest.raises(ConfigError, match="'train.objective' awm trains on leaves"):
-        load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), ["train.objective=awm"])
+    cfg = load_config(str(ROOT / "configs" / "tiny_shapes_tree.yaml"), ["train.objective=awm"])
+    assert cfg.train.advantage == "tree"  # on trees it trains on the leaves' depth-wise advantages
     with pytest.raises(ConfigError, match=r"'train.objective' must be one of \['ppo', 'nft', 'awm'\]"):
         load_config(str(ROOT / "configs" / "tiny_shapes.yaml"), ["train.objective=dpo"])
 
