@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "hpsv2": "rewards.hpsv2:build",
     "ocr": "rewards.ocr:build",
     "remote": "rewards.remote:build",
+    "vlm_judge": "rewards.vlm_judge:build",
 }
 
 
@@ -57,7 +58,7 @@ META: dict[str, tuple[tuple[str, ...], bool]] = {
     "jpeg_compressibility": (("image",), False), "jpeg_incompressibility": (("image",), False),
     "av_sync": (("video", "audio"), False), "clip_score": (("image",), True), "aesthetic": (("image",), True),
     "pickscore": (("image",), True), "hpsv2": (("image",), True), "ocr": (("image", "video"), False),
-    "remote": (("image", "video"), False),
+    "remote": (("image", "video"), False), "vlm_judge": (("image",), False),
 }
 ENTRY_POINT_GROUP = "diffrl.rewards"
 

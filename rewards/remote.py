@@ -61,6 +61,10 @@ class RemoteRewardError(RuntimeError):
     """The reward server refused a request (4xx) or stayed unreachable after the retries."""
 
 
+class RemoteUnavailableError(RemoteRewardError):
+    """The server stayed unreachable, timed out or answered 5xx on every attempt (``post_json``)."""
+
+
 class _BodyTooLarge(ValueError):
     """A request body over ``MAX_BODY`` bytes (answered with a 413)."""
 
@@ -284,36 +288,54 @@ def make_server(reward: Callable, name: str, host: str = "127.0.0.1", port: int 
     return RewardServer((host, port), Handler, max_workers)
 
 
+def _error_message(body: bytes, default: str) -> str:
+    """The message in an error answer's body: ``{"error": str}`` (``make_server``), ``{"error": {"message": str}}``
+    (OpenAI-compatible servers) or ``{"message": str}`` (older vLLM); ``default`` for anything else."""
+    try:
+        payload = json.loads(body or b"{}")
+    except ValueError:  # an HTML error page from a proxy, say
+        return default
+    error = payload.get("error", payload) if isinstance(payload, dict) else default
+    return str(error.get("message", default) if isinstance(error, dict) else error)
+
+
+def post_json(url: str, body: Any, *, timeout: float, retries: int, backoff: float,
+              headers: Optional[dict[str, str]] = None, server: str = "reward server") -> Any:
+    """POST ``body`` as JSON to ``url`` and return the JSON answer. Connection failures, timeouts (``timeout``
+    seconds for the connection and for each read) and 5xx answers are retried ``retries`` times, after
+    ``backoff * 2**attempt`` seconds; a 4xx raises ``RemoteRewardError`` at once, and failing every attempt raises
+    ``RemoteUnavailableError``. ``server`` names the server in both messages."""
+    data, all_headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    last: Optional[str] = None
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(url, data=data, headers=all_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            message = _error_message(e.read(), str(e.reason))
+            if e.code < 500:
+                raise RemoteRewardError(f"{server} {url} refused the request ({e.code}): {message}") from None
+            last = f"{e.code}: {message}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            last = str(getattr(e, "reason", e))
+        if attempt < retries:
+            time.sleep(backoff * 2**attempt)
+    raise RemoteUnavailableError(f"{server} {url} failed after {retries + 1} attempts (last: {last})")
+
+
 def build(url: str = "http://127.0.0.1:8765", timeout: float = 60.0, retries: int = 3, batch_size: int = 16,
           backoff: float = 0.5) -> Callable:
     """Registry factory (``remote``): a reward that posts batches of ``batch_size`` to a reward server, retrying
     connection failures and 5xx answers ``retries`` times with exponential backoff; a 4xx is raised at once."""
     endpoint = url.rstrip("/") + "/score"
 
-    def post(body: dict) -> dict:
-        data = json.dumps(body).encode()
-        last: Optional[str] = None
-        for attempt in range(retries + 1):
-            request = urllib.request.Request(endpoint, data=data, headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=timeout) as resp:
-                    return json.loads(resp.read())["scores"]
-            except urllib.error.HTTPError as e:
-                message = json.loads(e.read() or b"{}").get("error", e.reason)
-                if e.code < 500:
-                    raise RemoteRewardError(f"reward server {url} refused the request ({e.code}): {message}") from None
-                last = f"{e.code}: {message}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(getattr(e, "reason", e))
-            if attempt < retries:
-                time.sleep(backoff * 2**attempt)
-        raise RemoteRewardError(f"reward server {url} failed after {retries + 1} attempts (last: {last})")
-
     def reward(media: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
         parts: dict[str, list] = {}
         for start in range(0, len(prompts), batch_size):
             chunk = media[start : start + batch_size]
-            scores = post(encode_request(chunk, prompts[start : start + batch_size]))
+            body = encode_request(chunk, prompts[start : start + batch_size])
+            scores = post_json(endpoint, body, timeout=timeout, retries=retries, backoff=backoff)["scores"]
             for name, values in scores.items():
                 parts.setdefault(name, []).extend(math.nan if v is None else v for v in values)
         return {name: torch.tensor(values, dtype=torch.float32) for name, values in parts.items()}
