@@ -238,9 +238,13 @@ class ExploreConfig:
 @dataclass
 class DataConfig:
     prompts: str = "shapes"
-    """"shapes" (the generated grammar) or a .txt (one prompt per line) or .jsonl ({"prompt": ...}) file."""
+    """"shapes" (the generated grammar; "shapes:count,relation" picks kinds), a .txt file (one prompt a line), a .jsonl
+    file ({"prompt": ..., any metadata} a line), a .parquet file or a Hugging Face ``datasets`` folder written by
+    ``save_to_disk`` (``pip install "diffrl[data]"``), or ``pkg.module:function`` returning a list of str or of dicts
+    with "prompt". ``PATH:COLUMN`` names the prompt's key or column (default prompt). Each row reaches the rewards as
+    its prompt's ``.metadata`` (docs/rewards.md, "Prompts with metadata")."""
     eval_prompts: str = "shapes:count,relation"
-    """Held-out prompts: "shapes:<kinds>" or a file."""
+    """Held-out prompts: "shapes:<kinds>" or any source ``data.prompts`` takes (its first ``data.eval_size``)."""
     eval_size: int = 64
     """Distinct held-out prompts (they are kept out of the training prompts). Range: [1, 100000]."""
     eval_seeds: int = 1

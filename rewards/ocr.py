@@ -1,10 +1,12 @@
 """Text-rendering accuracy with a real OCR engine that runs offline.
 
-The target text is the part of the prompt between the first pair of double quotes. As Flow-GRPO defines it: the
-recognised text (all detections joined) and the target are lower-cased with spaces removed; the distance is 0 when
-the target occurs in the recognised text, else their Levenshtein distance, capped at the target's length; the score
-is ``1 - distance / len(target)``. A prompt without quoted text scores NaN (the sample is left out of the update).
-Videos ``[B, F, 3, H, W]`` score every ``frame_stride``-th frame and average.
+The target text is the prompt's metadata entry ``target_key`` (default ``text``) when it has one (a
+``diffrl.prompts.Prompt`` from a JSONL, parquet or ``datasets`` source), else the part of the prompt between the first
+pair of double quotes. As Flow-GRPO defines it: the recognised text (all detections joined) and the target are
+lower-cased with spaces removed; the distance is 0 when the target occurs in the recognised text, else their
+Levenshtein distance, capped at the target's length; the score is ``1 - distance / len(target)``. A prompt with
+neither scores NaN (the sample is left out of the update). Videos ``[B, F, 3, H, W]`` score every ``frame_stride``-th
+frame and average.
 
 Engines: ``rapidocr`` (default; its ONNX models ship in the wheel: ``pip install 'diffrl[ocr]'``) or ``tesseract``
 (the ``tesseract`` binary on PATH).
@@ -29,6 +31,18 @@ def target_text(prompt: str) -> Optional[str]:
     """The text between the first pair of double quotes, or None."""
     parts = prompt.split('"')
     return parts[1] if len(parts) >= 3 else None
+
+
+def target_of(prompt: str, key: str = "text") -> Optional[str]:
+    """The text an image of ``prompt`` should show: its metadata's ``key`` when set (not None), else the prompt's
+    quoted text (``target_text``), else None. ValueError in one sentence when the metadata's value is not text."""
+    value = getattr(prompt, "metadata", {}).get(key)
+    if value is None:
+        return target_text(prompt)
+    if not isinstance(value, str):
+        raise ValueError(f"ocr: the metadata {key!r} of prompt {prompt!r} is of type {type(value).__name__}, not the "
+                         "text to read")
+    return value
 
 
 def normalise(text: str) -> str:
@@ -84,8 +98,9 @@ def read_tesseract(image: np.ndarray) -> str:
 ENGINES = {"rapidocr": read_rapidocr, "tesseract": read_tesseract}
 
 
-def build(engine: str = "rapidocr", frame_stride: int = 4) -> Callable:
-    """Registry factory: ``engine`` rapidocr or tesseract; ``frame_stride`` for videos."""
+def build(engine: str = "rapidocr", frame_stride: int = 4, target_key: str = "text") -> Callable:
+    """Registry factory: ``engine`` rapidocr or tesseract; ``frame_stride`` for videos; ``target_key`` the prompt
+    metadata entry that holds the target text (``target_of``)."""
     if engine not in ENGINES:
         raise ValueError(f"ocr: unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
     read = ENGINES[engine]
@@ -97,7 +112,7 @@ def build(engine: str = "rapidocr", frame_stride: int = 4) -> Callable:
             return {"ocr": torch.stack(per_frame, 1).mean(1)}
         scores = []
         for img, prompt in zip(to_pil(media), prompts):
-            target = target_text(prompt)
+            target = target_of(prompt, target_key)
             scores.append(math.nan if target is None else ocr_score(read(np.asarray(img.convert("RGB"))), target))
         return {"ocr": torch.tensor(scores, dtype=torch.float32)}
 

@@ -6,7 +6,9 @@ Keep heavy or conflicting reward environments (GenEval detectors, VLM judges) ou
     rewards: {remote: 1.0}  with  reward_options: {remote: {url: http://127.0.0.1:8765}}
 
 Wire format (JSON, no pickle): ``POST /score`` with ``{"prompts": [str], "images": [base64 PNG]}`` for images, or
-``"videos": [[base64 PNG frame, ...], ...]`` for videos (same frame count each); the answer is
+``"videos": [[base64 PNG frame, ...], ...]`` for videos (same frame count each), and ``"metadata": [object]`` (one
+per prompt) when any prompt carries metadata (a ``diffrl.prompts.Prompt``): the server hands its reward ``Prompt``
+objects with that metadata, so the reward reads it as it would in the training process. The answer is
 ``{"scores": {name: [float or null]}}`` (null for NaN). ``GET /health`` answers ``{"ok": true, "reward": path}``.
 A malformed request gets a 400 with ``{"error": message}``; a reward that raises gets a 500 with its message;
 the server keeps serving either way.
@@ -45,6 +47,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from diffrl.prompts import Prompt
 from rewards.shapes import to_pil
 
 log = logging.getLogger("diffrl")
@@ -94,10 +97,19 @@ def from_png_b64(text: str) -> Image.Image:
 
 
 def encode_request(media: Any, prompts: Sequence[str]) -> dict:
-    """The JSON body for a batch: images (PIL list or ``[B, 3, H, W]``) or videos (``[B, F, 3, H, W]``)."""
+    """The JSON body for a batch: images (PIL list or ``[B, 3, H, W]``) or videos (``[B, F, 3, H, W]``), and the
+    prompts' metadata when any has some. ValueError in one sentence for metadata that JSON cannot hold."""
+    body: dict[str, Any] = {"prompts": [str(p) for p in prompts]}
+    metadata = [dict(getattr(p, "metadata", {})) for p in prompts]
+    if any(metadata):
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the prompts' metadata cannot be sent to a reward server as JSON ({e})") from None
+        body["metadata"] = metadata
     if isinstance(media, Tensor) and media.dim() == 5:
-        return {"prompts": list(prompts), "videos": [[png_b64(f) for f in to_pil(v)] for v in media]}
-    return {"prompts": list(prompts), "images": [png_b64(img) for img in to_pil(media)]}
+        return {**body, "videos": [[png_b64(f) for f in to_pil(v)] for v in media]}
+    return {**body, "images": [png_b64(img) for img in to_pil(media)]}
 
 
 def _parse_body(data: bytes) -> Any:
@@ -157,6 +169,12 @@ def decode_request(body: Any, max_image_pixels: int = MAX_IMAGE_PIXELS,
     prompts = body["prompts"]
     if not _is_strings(prompts):
         raise ValueError("'prompts' must be a list of strings")
+    if "metadata" in body:
+        metadata = body["metadata"]
+        if not (isinstance(metadata, list) and len(metadata) == len(prompts)
+                and all(isinstance(m, dict) for m in metadata)):
+            raise ValueError("'metadata' must be a list of JSON objects, one per prompt")
+        prompts = [Prompt(p, m) for p, m in zip(prompts, metadata)]
     if "videos" in body:
         media = body["videos"]
         if not isinstance(media, list) or not all(_is_strings(v) for v in media):
