@@ -103,7 +103,8 @@ def sweep(adapter: Any, prompts: Sequence[str], scales: Sequence[float], rewards
     image_grid(images[order], out / "sweep.png", ncol=len(scales), captions=captions)
     if rewards:
         line_plot({name: (list(scales), [r[name] for r in rows]) for name in rewards}, out / "sweep_rewards.png",
-                  "reward against the RL-guidance scale w", x_label="w")
+                  "reward against the RL-guidance scale w", x_label="RL-guidance scale w",
+                  y_label="mean reward over the prompts")
     result = {"prompts": list(prompts), "seed": seed, "steps": steps, "guidance": guidance, "schedule": schedule,
               "rl_only_steps": rl_only_steps, "kind": kind, "results": rows}
     (out / "sweep.json").write_text(json.dumps(result, indent=2))

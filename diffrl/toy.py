@@ -199,12 +199,13 @@ def _summarize(cfg: ToyConfig, before: Tensor, after: Tensor, history: list[dict
 
 def _write_outputs(out: Path, cfg: ToyConfig, history: list[dict], summary: dict, before: Tensor,
                    after: Tensor) -> None:
-    from diffrl.viz import reward_curve, scatter_pair
+    from diffrl.viz import line_plot, scatter_pair
 
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     atomic_write_text(out / "summary.json", json.dumps({"config": asdict(cfg), **summary}, indent=2))
     scatter_pair(before, after, mode_centers(), out / "samples.png", ("pretrained", "after RL"))
-    reward_curve([h["reward"] for h in history], out / "reward.png", "mean leaf reward per iteration")
+    line_plot({"mean leaf reward": ([h["iteration"] for h in history], [h["reward"] for h in history])},
+              out / "reward.png", "toy: mean leaf reward per RL iteration", x_label="RL iteration", y_label="reward")
 
 
 def _report(summary: dict, out: Path, log) -> None:

@@ -1,60 +1,75 @@
-"""Small pictures people would rather look at than read: scatter plots and reward curves (PIL only)."""
+"""Pictures people would rather look at than read: sample grids with captions (PIL), and plots (matplotlib, drawn
+off-screen by Agg) of training curves, reward sweeps and 2-D samples. Each plot function saves a PNG and returns
+its ``Figure``, so a test can read back the drawn data, the labels and the legend."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-_SIZE = 320
-_PAD = 24
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 100  # PNG pixels per figure inch: a (8, 6)-inch figure is an 800 x 600 PNG
 
 
-def _scatter(points: Tensor, centers: Tensor, title: str, extent: float = 3.2) -> Image.Image:
-    img = Image.new("RGB", (_SIZE, _SIZE + _PAD), "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black")
-    to_px = lambda p: (_SIZE / 2 + p[0] / extent * _SIZE / 2, _PAD + _SIZE / 2 - p[1] / extent * _SIZE / 2)  # noqa: E731
-    for i, c in enumerate(centers.tolist()):
-        x, y = to_px(c)
-        d.ellipse([x - 9, y - 9, x + 9, y + 9], outline="red" if i == 0 else "gray")
-    for p in points.tolist():
-        x, y = to_px(p)
-        d.point((x, y), fill=(30, 60, 200))
-    return img
+def _figure(width: float, height: float) -> Figure:
+    """An empty ``width`` x ``height``-inch figure on an Agg canvas: it renders to files only, so plotting never
+    needs a display, and matplotlib's global pyplot state (and its figure registry) stays untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def scatter_pair(before: Tensor, after: Tensor, centers: Tensor, path: Path, titles: Sequence[str]) -> None:
-    """Side-by-side scatter plots of ``[n, 2]`` samples with mode centres (the target mode circled in red)."""
-    left, right = _scatter(before, centers, titles[0]), _scatter(after, centers, titles[1])
-    canvas = Image.new("RGB", (2 * _SIZE, _SIZE + _PAD), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (_SIZE, 0))
-    canvas.save(path)
+def _save(fig: Figure, path: Path) -> Figure:
+    """Write ``fig`` to ``path`` at ``DPI`` (the size set in ``_figure``, never trimmed) and return it."""
+    fig.savefig(path, dpi=DPI)
+    return fig
 
 
-def reward_curve(values: Sequence[float], path: Path, title: str) -> None:
-    """A line plot of ``values`` against their index."""
-    w, h, m = 480, 260, 36
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    pts = [(m + i / max(len(values) - 1, 1) * (w - 2 * m), h - m - (v - lo) / span * (h - 2 * m))
-           for i, v in enumerate(values)]
-    d.rectangle([m, m, w - m, h - m], outline="gray")
-    if len(pts) > 1:
-        d.line(pts, fill=(30, 60, 200), width=2)
-    d.text((m, 8), title, fill="black")
-    d.text((4, m - 4), f"{hi:.2f}", fill="black")
-    d.text((4, h - m - 6), f"{lo:.2f}", fill="black")
-    d.text((w - m - 30, h - m + 6), f"{len(values)} it", fill="black")
-    img.save(path)
+def scatter_pair(before: Tensor, after: Tensor, centers: Tensor, path: Path, titles: Sequence[str],
+                 extent: float = 3.2) -> Figure:
+    """Two scatter plots side by side (1000 x 600 px) of ``[n, 2]`` samples, ``before`` and ``after``, over the
+    ``[m, 2]`` mode ``centers`` (row 0, the target mode, in red), both on the square ``[-extent, extent]``."""
+    fig = _figure(10, 6)
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    for ax, points, title in zip(axes, (before, after), titles):
+        ax.scatter(points[:, 0].tolist(), points[:, 1].tolist(), s=2, alpha=0.4, color="tab:blue", linewidths=0,
+                   label="sample")
+        ax.scatter(centers[1:, 0].tolist(), centers[1:, 1].tolist(), s=250, facecolors="none", edgecolors="gray",
+                   label="mode centre")
+        ax.scatter(centers[:1, 0].tolist(), centers[:1, 1].tolist(), s=250, facecolors="none", edgecolors="red",
+                   linewidths=1.5, label="target mode (rewarded)")
+        ax.set(title=f"{title} ({len(points)} samples)", xlim=(-extent, extent), ylim=(-extent, extent),
+               aspect="equal", xlabel="first coordinate")
+    axes[0].set_ylabel("second coordinate")
+    legend = fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
+    legend.legend_handles[0].set_sizes([30])  # the samples' 2-point dots would not show in the legend
+    legend.legend_handles[0].set_alpha(1.0)
+    return _save(fig, path)
 
 
-def image_grid(images, path: Path, ncol: int, scale: int = 4, captions: Sequence[str] = ()) -> None:
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
+              x_label: str = "step", y_label: str = "value") -> Figure:
+    """Several ``name -> (xs, ys)`` lines on one pair of axes (700 x 420 px), every data point marked, one legend
+    entry per line."""
+    fig = _figure(7, 4.2)
+    ax = fig.subplots()
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", markersize=4, linewidth=1.5, label=name)
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def image_grid(images: Tensor, path: Path, ncol: int, scale: int = 4, captions: Sequence[str] = ()) -> None:
     """Save ``[n, 3, H, W]`` images in [0, 1] as a grid, upscaled ``scale``x (nearest), with optional captions."""
     import numpy as np
 
@@ -81,43 +96,37 @@ def running_mean(ys: Sequence[float], window: int) -> list[float]:
     return [sum(ys[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(ys))]
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str,
-              x_label: str = "step") -> None:
-    """Several ``name -> (xs, ys)`` lines on one axis (each scaled to the shared y range)."""
-    w, h, m = 560, 300, 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    xs_all = [x for xs, _ in series.values() for x in xs] or [0, 1]
-    ys_all = [y for _, ys in series.values() for y in ys] or [0, 1]
-    x0, x1 = min(xs_all), max(xs_all) if max(xs_all) > min(xs_all) else min(xs_all) + 1
-    y0, y1 = min(ys_all + [0.0]), max(ys_all + [1.0])
-    d.rectangle([m, m, w - m, h - m], outline="gray")
-    colors = [(30, 60, 200), (220, 60, 40), (40, 160, 60), (150, 60, 180)]
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        pts = [(m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
-               for x, y in zip(xs, ys)]
-        color = colors[i % len(colors)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        d.text((m + 8 + 150 * i, h - m + 14), name, fill=color)
-    d.text((m, 10), title, fill="black")
-    d.text((4, m - 6), f"{y1:.2f}", fill="black")
-    d.text((4, h - m - 6), f"{y0:.2f}", fill="black")
-    d.text((4, h - m + 2), f"{x_label} {x0:g}", fill="black")
-    d.text((w - m - 40, h - m + 2), f"{x_label} {x1:g}", fill="black")
-    img.save(path)
+def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, window: int = 5) -> Figure:
+    """The run's ``curves.png`` (800 x 600 px), two panels over the RL step. Top: the training reward per step
+    (``history``: metrics with ``step``, ``reward_mean``) and its trailing mean over ``window`` steps (one step's
+    reward mostly shows which prompts it drew). Bottom: held-out accuracy at each evaluation (``evals``: ``step``,
+    ``accuracy`` and any ``accuracy_<kind>``), its value written at each point; on a 0-1 scale when it is a
+    fraction."""
+    from matplotlib.ticker import MaxNLocator
 
-
-def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, window: int = 5) -> None:
-    """The run's ``curves.png``: training reward per step (``history``: metrics with ``step``, ``reward_mean``), its
-    trailing mean over ``window`` steps (one step's reward mostly shows which prompts it drew) and held-out accuracy
-    (``evals``: ``step``, ``accuracy``)."""
     steps, rewards = [m["step"] for m in history], [m["reward_mean"] for m in history]
-    line_plot({"reward": (steps, rewards), f"reward, mean of {window}": (steps, running_mean(rewards, window)),
-               "held-out accuracy": ([e["step"] for e in evals], [e["accuracy"] for e in evals])},
-              path, "reward and held-out strict accuracy")
+    fig = _figure(8, 6)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    top.plot(steps, rewards, marker="o", markersize=3, linewidth=1, alpha=0.6, label="each step (mean over its batch)")
+    top.plot(steps, running_mean(rewards, window), linewidth=2.5, label=f"trailing mean of {window} steps")
+    top.set(title="training reward per RL step", ylabel="training reward")
+    eval_steps = [e["step"] for e in evals]
+    kinds = sorted({k for e in evals for k in e if k.startswith("accuracy_")})
+    for i, kind in enumerate(kinds):  # colours C0 and C1 are the reward's, above
+        bottom.plot(eval_steps, [e.get(kind, float("nan")) for e in evals], marker="s", markersize=4, color=f"C{i + 2}",
+                    linestyle="--", linewidth=1, label=f"{kind.removeprefix('accuracy_')} prompts")
+    accuracy = [e["accuracy"] for e in evals]
+    bottom.plot(eval_steps, accuracy, marker="o", markersize=6, linewidth=2, color="black", label="all prompts")
+    for x, y in zip(eval_steps, accuracy):
+        bottom.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    if all(0.0 <= a <= 1.0 for a in accuracy):
+        bottom.set_ylim(0.0, 1.0)
+    bottom.set(title="held-out accuracy at each evaluation", xlabel="RL step", ylabel="held-out accuracy")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
 
 
 def stills(media: Union[Tensor, dict]) -> Tensor:

@@ -95,7 +95,9 @@ def main() -> None:
     if args.out:
         line_plot({name: (elapsed(ms), curves[name]) for name, (ms, _) in runs.items()},
                   Path(args.out) / "tree_vs_flat.png",
-                  f"training reward (trailing mean of {SMOOTH} steps), target {target:.3f}", x_label="wall s")
+                  f"tree vs flat rollouts, target {target:.3f} (flat's final reward)",
+                  x_label="wall-clock time, rollout + training (s)",
+                  y_label=f"training reward, trailing mean of {SMOOTH} steps")
     rows = {}
     for name, (ms, summary) in runs.items():
         secs = elapsed(ms)[-1]
