@@ -53,11 +53,22 @@ def _eval(args: argparse.Namespace) -> int:
     from diffrl.inference import eval_accuracy, load_for_inference
     from diffrl.prompts import eval_prompts
 
-    prompts = eval_prompts(args.prompts, args.n)
+    if args.suite:
+        return _eval_suite(args)
+    needs_suite = [flag for flag, given in (("--compare", args.compare), ("--no-base", args.no_base),
+                                            ("--detector", args.detector), ("--out", args.out),
+                                            ("--per-prompt", args.per_prompt != 1),
+                                            ("a second --reward", len(args.reward) > 1)) if given]
+    if needs_suite:
+        print(f"diffrl: {', '.join(needs_suite)} needs --suite (e.g. --suite shapes or --suite reward)",
+              file=sys.stderr)
+        return 2
+    reward = args.reward[0] if args.reward else None
+    prompts = eval_prompts(args.prompts or "shapes:count,relation", args.n or 64)
     try:
-        options = _reward_options(args.reward_option, [args.reward] if args.reward else [])
-        scorers = {args.reward: rewards.load(args.reward, **options.get(args.reward, {}))} if args.reward else {}
-        evaluator = evaluator_for(prompts, scorers, f"reward:{args.reward}" if args.reward else "shapes")
+        options = _reward_options(args.reward_option, args.reward)
+        scorers = {reward: rewards.load(reward, **options.get(reward, {}))} if reward else {}
+        evaluator = evaluator_for(prompts, scorers, f"reward:{reward}" if reward else "shapes")
     except (ValueError, TypeError, ImportError, OSError) as e:
         print(f"diffrl: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -65,6 +76,46 @@ def _eval(args: argparse.Namespace) -> int:
     result = {"evaluator": evaluator.name, **eval_accuracy(adapter, prompts, args.seed, args.steps, args.guidance,
                                                            evaluator)}
     print(json.dumps(result))
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    """``diffrl eval --suite NAME``: the suite's report on the base model and the LoRAs, written to ``--out``; ends
+    with one line of JSON, each column's headline score."""
+    import json
+    from pathlib import Path
+
+    from diffrl.eval_report import evaluate, plan_columns, report_of, write_report
+    from diffrl.inference import check_lora_path, load_for_inference
+    from diffrl.suites import SUITES, SuiteOptions
+
+    if args.per_prompt < 1:
+        print(f"diffrl: --per-prompt must be >= 1, got {args.per_prompt}", file=sys.stderr)
+        return 2
+    try:
+        names = [*args.reward, *(["ocr"] if args.suite == "ocr" else [])]
+        options = SuiteOptions(args.prompts, args.n, args.reward, _reward_options(args.reward_option, names),
+                               args.detector)
+        suite = SUITES[args.suite](options)
+        columns = plan_columns(args.lora, args.compare, base=not args.no_base)
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"diffrl: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    items = [item for item in suite.items() for _ in range(args.per_prompt)]
+    for lora in {c.lora for c in columns if c.lora}:  # before any model loads
+        check_lora_path(lora)
+    results, grids = evaluate(suite, items, columns, lambda lora: load_for_inference(args.model, lora,
+                                                                                     **_model_options(args)),
+                              args.seed, args.steps, args.guidance)
+    settings = {key: getattr(args, key) for key in ("suite", "model", "lora", "compare", "prompts", "n", "per_prompt",
+                                                    "steps", "guidance", "seed", "family", "device", "dtype",
+                                                    "reward", "reward_option", "detector")}
+    report = report_of(suite, getattr(args, "command_line", "diffrl eval"), settings, results)
+    out = Path(args.out or f"runs/eval-{args.suite}")
+    written = write_report(out, report, grids)
+    print(f"wrote {out}: report.json, report.md and {len(written) - 2} sample grids")
+    print(json.dumps({"suite": suite.name, "metric": suite.metric,
+                      **{label: r["overall"][suite.metric] for label, r in results.items()}}))
     return 0
 
 
@@ -212,13 +263,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num", type=int, default=4, help="images per prompt")
     sp.add_argument("--out", default="samples.png")
     sp.set_defaults(func=_sample)
-    ev = sub.add_parser("eval", help="held-out score of a base model plus an optional LoRA: the shapes verifier's "
-                                     "strict accuracy, or a reward's mean (--reward) on any prompt file")
+    ev = sub.add_parser("eval", help="score a base model and fine-tuned LoRAs side by side with an evaluation suite "
+                                     "(--suite shapes|ocr|geneval|reward: a report folder), or print one line of "
+                                     "JSON: the shapes verifier's strict accuracy or a reward's mean")
     _inference_args(ev)
-    ev.add_argument("--prompts", default="shapes:count,relation", help="shapes:<kinds> or a prompt file")
-    ev.add_argument("--n", type=int, default=64, help="number of held-out prompts")
-    ev.add_argument("--reward", help="score with this reward's mean instead of the shapes verifier")
+    ev.add_argument("--suite", choices=["shapes", "ocr", "geneval", "reward"],
+                    help="evaluation suite; writes report.json, report.md and per-category sample grids to --out: "
+                         "shapes (the shapes verifier's strict accuracy per prompt kind), ocr (the OCR reward on "
+                         "prompts/ocr_suite.jsonl, 300 held-out text-rendering prompts, per target length), geneval "
+                         "(GenEval's per-tag accuracy on GenEval-format metadata, with a pluggable --detector; "
+                         "default: the shapes world's), reward (the mean of each --reward on any --prompts)")
+    ev.add_argument("--prompts", help="shapes[:<kinds>] or a prompt file; with --suite a .jsonl line may carry a "
+                                      "'category' (reward), a 'text' target (ocr), or be GenEval metadata (geneval) "
+                                      "(default: the suite's own; without --suite shapes:count,relation)")
+    ev.add_argument("--n", type=int, help="the first N prompts (default 64; geneval 96; ocr all 300)")
+    ev.add_argument("--per-prompt", type=int, default=1, help="--suite: samples per prompt, each from its own seed")
+    ev.add_argument("--reward", action="append", default=[],
+                    help="score with this reward's mean instead of the shapes verifier (repeatable with --suite "
+                         "reward; the first is the headline)")
     ev.add_argument("--reward-option", action="append", default=[], help="NAME.KEY=VALUE passed to the reward")
+    ev.add_argument("--compare", action="append", default=[], metavar="LORA",
+                    help="--suite: another LoRA folder, one more column beside the base model and --lora (repeatable)")
+    ev.add_argument("--no-base", action="store_true",
+                    help="--suite: leave out the base model's column (by default it is evaluated beside --lora)")
+    ev.add_argument("--detector", help="--suite geneval: the object detector, shapes (default) or pkg.module:attr "
+                                       "(a callable image -> [{class, box, score, color}], or a class of one)")
+    ev.add_argument("--out", help="--suite: the report folder (default runs/eval-SUITE)")
     ev.set_defaults(func=_eval)
     gd = sub.add_parser("guide", help="RL guidance: sample at strengths w of a LoRA (or a second model) against the "
                                       "reference, with a grid and reward-vs-w plot")

@@ -65,7 +65,8 @@ def classify_shape(comp: np.ndarray) -> str:
 
 
 def detect(image: Union[Image.Image, np.ndarray]) -> list[dict]:
-    """Objects in an image: ``{"color", "shape", "center": (x, y), "side": max bbox side}`` each."""
+    """Objects in an image: ``{"color", "shape", "center": (x, y), "side": max bbox side, "box": (x0, y0, x1, y1)}``
+    each; ``box`` is the bounding box's pixel edges (``x1 - x0`` is its width in pixels, as a detector's box)."""
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     seg = segment(arr)
     objects = []
@@ -76,7 +77,8 @@ def detect(image: Union[Image.Image, np.ndarray]) -> list[dict]:
             ys, xs = np.nonzero(comp)
             objects.append({"color": name, "shape": classify_shape(comp),
                             "center": ((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2),
-                            "side": int(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)})
+                            "side": int(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1),
+                            "box": (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)})
     return objects
 
 
