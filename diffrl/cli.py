@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -22,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                    allow_config_change=args.allow_config_change)
+                    allow_config_change=args.allow_config_change, command=args.command_line)
     if not summary:  # not the first of several processes: the first one reports
         return 0
     print(f"held-out strict accuracy: base {summary['base_accuracy']:.3f} -> final {summary['final_accuracy']:.3f} "
@@ -152,6 +153,20 @@ def _guide(args: argparse.Namespace) -> int:
                    ref_guidance=args.ref_guidance, reference=reference, progress=print)
     print(f"wrote {args.out}/sweep.png (rows: {len(result['prompts'])} prompts, columns: w = "
           f"{', '.join(f'{w:g}' for w in args.w)}), sweep_rewards.png and sweep.json")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffrl.hub import PushError, push
+
+    try:
+        url = push(Path(args.run_dir), args.repo_id, private=args.private, kind=args.kind)
+    except (PushError, OSError, ValueError) as e:  # OSError, ValueError: no token, no network, a bad repo id
+        print(f"diffrl: push {args.run_dir} to {args.repo_id}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"pushed the export of {args.run_dir} with its model card to {url}")
     return 0
 
 
@@ -315,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     sr.add_argument("--option", action="append", default=[], help="key=value passed to the reward (repeatable)")
     sr.set_defaults(func=_serve_reward)
+    pu = sub.add_parser("push", help="upload a finished run's LoRA (or fully fine-tuned weights) with its model card "
+                                     "to a Hugging Face Hub repository")
+    pu.add_argument("run_dir", help="run directory of a finished diffrl train")
+    pu.add_argument("repo_id", help="Hub repository, e.g. your-name/sd35-ocr-lora (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    which = pu.add_mutually_exclusive_group()
+    which.add_argument("--lora", dest="kind", action="store_const", const="lora", help="push RUN_DIR/lora")
+    which.add_argument("--full", dest="kind", action="store_const", const="full",
+                       help="push RUN_DIR/transformer (a full fine-tune; default: whichever the run exported)")
+    pu.set_defaults(func=_push, kind=None)
     return parser
 
 
@@ -340,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.command_line = shlex.join(["diffrl", *(sys.argv[1:] if argv is None else argv)])
     if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # key=value after --out or --resume: argparse stops collecting positionals there
     elif extra:

@@ -270,8 +270,21 @@ class LogConfig:
     """Steps between held-out evaluations (0: only at the start and the end). Range: [0, inf)."""
     checkpoint_every: int = 5
     """Steps between checkpoints (the last step always saves one). Range: [1, inf)."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers the run logs to, from the first process (``diffrl.tracking.TRACKERS``): tensorboard (event
+    files in ``tensorboard/``), wandb (Weights & Biases, ``pip install "diffrl[wandb]"``; with ``WANDB_MODE=offline``
+    it writes ``wandb/`` in the run directory and needs no account). Each gets the resolved config at the start,
+    ``metrics.jsonl``'s numbers every step, every sample grid and ``summary.json``'s values at the end. A listed
+    tracker that is not installed stops the run before any model loads."""
     tensorboard: bool = True
-    """Write TensorBoard event files (``tensorboard/`` in the run directory) beside ``metrics.jsonl``."""
+    """false leaves tensorboard out whatever ``log.trackers`` lists (the switch from before ``log.trackers``: configs
+    that set it keep their meaning)."""
+    wandb_project: str = "diffrl"
+    """The Weights & Biases project of the run (wandb in ``log.trackers``)."""
+    wandb_entity: Optional[str] = None
+    """The Weights & Biases team or user the run belongs to; None: the account's default."""
+    run_name: Optional[str] = None
+    """The run's name in the trackers and in the title of its model card; None: the run directory's name."""
     save_advantages: bool = False
     """Write every step's node advantages (all trees) to the run directory, for checking and debugging."""
 
@@ -521,6 +534,20 @@ def validate(cfg: Config, where: str) -> list[str]:
                for k, v in cfg.sampler.family_guidance.items() if not (math.isfinite(v) and v >= 0)]
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                for k in cfg.reward_options if k not in cfg.rewards]
+    errors += _tracker_errors(cfg, where)
+    return errors
+
+
+def _tracker_errors(cfg: Config, where: str) -> list[str]:
+    """Names in ``log.trackers`` that no tracker has (``diffrl.tracking.TRACKERS``)."""
+    from diffrl.tracking import TRACKERS
+
+    errors = []
+    for name in cfg.log.trackers:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, list(TRACKERS), n=1)
+            errors.append(f"{where}: unknown tracker {name!r} in 'log.trackers'; choose from {sorted(TRACKERS)}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     return errors
 
 

@@ -21,12 +21,13 @@ from diffrl.config import ConfigError
 log = logging.getLogger("diffrl")
 LOCK = "run.lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "config_changes.jsonl", "curves.png", "lora",
-             "transformer", "transformer_2", "tensorboard")
+             "transformer", "transformer_2", "tensorboard", "wandb")
 """What a run writes into its directory, besides ``RUN_GLOBS``: ``--overwrite`` removes exactly these."""
 RUN_GLOBS = ("checkpoint-*", ".tmp-checkpoint-*", "samples_step*.png", "advantages_step*.safetensors")
 
 RESUME_MAY_CHANGE = ("train.steps", "train.reward_timeout_s", "log.out", "log.sample_every", "log.eval_every",
-                     "log.checkpoint_every", "log.tensorboard", "model.device", "model.attention", "model.offload",
+                     "log.checkpoint_every", "log.tensorboard", "log.trackers", "log.wandb_project",
+                     "log.wandb_entity", "log.run_name", "model.device", "model.attention", "model.offload",
                      "model.gradient_checkpointing")
 """Keys a resumed run may change silently: how long it runs, how often it logs, where and how fast it computes (the
 same math). Anything else needs ``--allow-config-change``. With a decaying ``train.lr_schedule``, a new

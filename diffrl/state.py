@@ -14,6 +14,7 @@ from diffrl.adapters.interface import Adapter
 from diffrl.config import Config
 from diffrl.explore import LowPrecisionPolicy
 from diffrl.prompts import PromptStream
+from diffrl.tracking import Trackers
 from diffrl.tree import TreeSchedule
 from diffrl.types import TreeRollout
 
@@ -50,7 +51,10 @@ class Run:
     eval_prompts: list[str]
     minibatch: int = 1
     """Samples per forward: ``train.minibatch``, capped by ``train.tokens_per_batch``."""
-    writer: Any = None
+    tracker: Trackers = field(default_factory=Trackers)
+    """The experiment trackers the run logs to (``log.trackers``; none but on the first process)."""
+    command: Optional[str] = None
+    """The command line that started the run, for its model card (None: started from Python)."""
     rank: int = 0
     world: int = 1
     explorer: Optional[LowPrecisionPolicy] = None

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import rewards as reward_registry
-from diffrl import checkpoint, rundir
+from diffrl import checkpoint, rundir, tracking
 from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
@@ -31,6 +31,7 @@ from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.guard import NonFiniteError, check_finite
 from diffrl.inference import EVAL_SEED, sample
+from diffrl.model_card import write_card
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import mix_window_start, subsample_steps, window_mask
@@ -55,6 +56,7 @@ def build(cfg: Config, out: Path) -> Run:
                           f"number of processes ({world})")
     if world > 1:
         log.info("process %d of %d processes (local rank %d, %s)", rank, world, place.local_rank, place.device)
+    tracking.check_installed(tracking.active(cfg.log))
     rewards = load_rewards(cfg)  # before the model: a bad reward fails in seconds, not after a long load
     sharded = cfg.model.fsdp and world > 1
     try:
@@ -101,14 +103,14 @@ def build(cfg: Config, out: Path) -> Run:
     e = cfg.explore
     explorer = LowPrecisionPolicy(adapter, e.precision, e.backend, e.skip_modules, e.min_dim) if e.enabled else None
     s = cfg.sampler
-    writer = _tensorboard(out) if cfg.log.tensorboard and rank == 0 else None
+    tracker = tracking.start(cfg.log, out, to_dict(cfg)) if rank == 0 else tracking.Trackers()
     return Run(cfg=cfg, out=out, adapter=adapter, rewards=rewards,
                schedule=TreeSchedule(s.num_steps, s.split_steps, s.branch_factor), sigmas=adapter.sigmas(s.num_steps),
                optimizer=torch.optim.AdamW(adapter.trainable_parameters(), lr=cfg.train.lr, weight_decay=0.0),
                prompts=PromptStream(cfg.data.prompts, cfg.train.seed,
                                     exclude=held_out if cfg.data.exclude_eval else ()),
                eval_prompts=held_out,
-               minibatch=batch_size(cfg, adapter.sequence_length), writer=writer, rank=rank, world=world,
+               minibatch=batch_size(cfg, adapter.sequence_length), tracker=tracker, rank=rank, world=world,
                explorer=explorer, evaluator=evaluator, collector=Rollouts() if explorer is None else Exploration())
 
 
@@ -134,15 +136,6 @@ def batch_size(cfg: Config, tokens_per_sample: int) -> int:
         log.info("sequence-length-aware batching: %d tokens per sample x %d passes, %d samples per forward",
                  tokens_per_sample, passes, fit)
     return min(cfg.train.minibatch, fit)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _velocity(run: Run, guidance: float) -> Callable:
@@ -412,22 +405,28 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     return run.evaluator(sample_images(run, prompts, seed=EVAL_SEED, reference=reference), prompts)
 
 
+def grid_path(run: Run, step: int) -> Path:
+    """Where the sample grid of RL step ``step`` is written."""
+    return run.out / f"samples_step{step:05d}.png"
+
+
 def write_grid(run: Run, state: TrainState) -> None:
+    """The sample grid of the first ``GRID_PROMPTS`` held-out prompts (fixed seeds), written and tracked by the
+    first process."""
     prompts = run.eval_prompts[:GRID_PROMPTS]
     images = stills(sample_images(run, prompts, seed=4242))
     if run.rank == 0:
-        image_grid(images, run.out / f"samples_step{state.step:05d}.png", ncol=len(prompts), captions=prompts)
+        image_grid(images, grid_path(run, state.step), ncol=len(prompts), captions=prompts)
+        run.tracker.log_image("samples", grid_path(run, state.step), state.step)
 
 
 def log_step(run: Run, state: TrainState, metrics: dict) -> None:
+    """Append the step's metrics to the history and ``metrics.jsonl``, and its numbers to the trackers."""
     state.history.append(metrics)
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
-    if run.writer is not None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and k != "step":
-                run.writer.add_scalar(k, v, metrics["step"])
-        run.writer.flush()
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+    run.tracker.log_scalars(scalars, metrics["step"])
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
@@ -487,7 +486,7 @@ def restore(run: Run) -> TrainState:
 
 def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
           on_step: Optional[Callable[[TrainState], None]] = None, overwrite: bool = False,
-          allow_config_change: bool = False) -> dict:
+          allow_config_change: bool = False, command: Optional[str] = None) -> dict:
     """Run RL fine-tuning from a validated config; returns the summary (also written to summary.json).
 
     Before anything loads, the run directory is checked (``diffrl.rundir``: no other run in it unless ``resume`` or
@@ -495,6 +494,7 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
     lives. A non-finite reward, advantage, loss, gradient or weight stops the run (``NonFiniteError``) with
     ``summary.json`` saying so and nothing exported. With several processes every one rolls out and trains its
     share; the first one alone evaluates, logs and writes checkpoints, so the others return an empty summary.
+    ``command`` is the command line that started the run, which its model card names (None: from Python).
     """
     t_start = time.perf_counter()
     out_dir = Path(out or cfg.log.out)
@@ -508,6 +508,7 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
         if overwrite and first_process():
             rundir.remove_run(out_dir)
         run = build(cfg, out_dir)
+        run.command = command
         state = begin(run, resume, changes)
         try:
             loop(run, state, on_step)
@@ -547,8 +548,7 @@ def stop_nonfinite(run: Run, state: TrainState, error: NonFiniteError, wall_s: f
                    "last_checkpoint": last.name if last else None, "base_accuracy": state.base_accuracy,
                    "steps": state.step, "wall_s": round(wall_s, 1), "evals": state.evals}
         checkpoint.atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
-        if run.writer is not None:
-            run.writer.close()
+        run.tracker.finish(summary)
     return NonFiniteError(error.quantity, str(error), message)
 
 
@@ -632,8 +632,9 @@ def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
 
 
 def finish(run: Run, state: TrainState, wall_s: float) -> dict:
-    """Final evaluation, plots, the diffusers-format export (LoRA or transformer) and summary.json. The optimizer's
-    state and gradients are dropped first (the last checkpoint holds them): their memory goes to the export."""
+    """Final evaluation, plots, the diffusers-format export (LoRA or transformer) with its model card
+    (``diffrl.model_card``), summary.json, and the trackers' summary. The optimizer's state and gradients are dropped
+    first (the last checkpoint holds them): their memory goes to the export."""
     run.optimizer.zero_grad(set_to_none=True)
     run.optimizer.state.clear()
     with Swap(run.adapter, state.ema):
@@ -642,13 +643,14 @@ def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     final = result["accuracy"]
     if not state.evals or state.evals[-1]["step"] != state.step:
         state.evals.append({"step": state.step, **result})
-    run.adapter.export(str(run.out), state.ema)
+    exported = Path(run.adapter.export(str(run.out), state.ema))
     if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
         return {}
     training_curves(state.history, state.evals, run.out / "curves.png")
     summary = {"status": "finished", "base_accuracy": state.base_accuracy, "final_accuracy": final,
                "wall_s": round(wall_s, 1), "steps": state.step, "evals": state.evals}
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if run.writer is not None:
-        run.writer.close()
+    write_card(exported, to_dict(run.cfg), summary, evaluator=run.evaluator.name, full=run.adapter.full_finetune,
+               grid=grid_path(run, state.step), command=run.command)
+    run.tracker.finish(summary)
     return summary

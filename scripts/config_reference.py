@@ -37,6 +37,7 @@ REGISTRIES: dict[str, tuple[str, str, str]] = {
     "train.objective": ("diffrl.update", "OBJECTIVES", ""),
     "train.advantage": ("diffrl.advantages", "ESTIMATORS", ""),
     "train.reward_aggregation": ("diffrl.advantages", "AGGREGATIONS", ""),
+    "log.trackers": ("diffrl.tracking", "TRACKERS", ""),
     "rewards": ("rewards", "REGISTRY", ", a reward an installed package registers (entry points `diffrl.rewards`) "
                 "or `pkg.module:function`; weights: finite numbers"),
 }

@@ -4,6 +4,7 @@ import json
 import os
 
 import torch
+import yaml
 
 from diffrl import trainer
 from diffrl.config import load_config
@@ -25,6 +26,8 @@ def test_full_finetuning_trains_every_weight_against_a_frozen_reference_and_expo
     tuned = SD3Transformer2DModel.from_pretrained(str(tmp_path / "transformer"))
     moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert len(moved) > 0.9 * len(base.state_dict())  # (nearly) every tensor trained, not just attention
+    card = (tmp_path / "transformer" / "README.md").read_text()  # the model card beside the weights
+    assert card.startswith("---\n") and yaml.safe_load(card.split("---\n")[1])["base_model"] == MODEL
     run = trainer.build(cfg, tmp_path / "again")
     ad = run.adapter
     x, sigma = torch.randn(2, *ad.latent_shape), torch.tensor([0.8, 0.3])
