@@ -20,7 +20,6 @@ in metadata different texts.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import re
@@ -181,15 +180,12 @@ def read_prompt_file(path: str, column: Optional[str] = None) -> list[str]:
 
 def _call_source(spec: str) -> list[str]:
     """The prompts ``pkg.module:function`` returns: a list of str, or of dicts with a ``prompt`` key."""
-    module, _, attr = spec.partition(":")
+    from rewards import resolve_dotted
+
     try:
-        obj: Any = importlib.import_module(module)
-    except ImportError as e:
-        raise PromptError(f"prompt source {spec!r}: cannot import module {module!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise PromptError(f"prompt source {spec!r}: module {module!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+        obj = resolve_dotted(spec)
+    except LookupError as e:
+        raise PromptError(f"prompt source {spec!r}: {e}") from None
     if not callable(obj):
         raise PromptError(f"prompt source {spec!r} is of type {type(obj).__name__}, not a function that returns "
                           "prompts")

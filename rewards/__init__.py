@@ -38,17 +38,26 @@ def register(name: str) -> Callable:
     return wrap
 
 
-def _import(path: str) -> Any:
+def resolve_dotted(path: str) -> Any:
+    """The object ``pkg.module:attr.sub`` names; ``LookupError`` saying which part is missing (the module, with
+    the import error, or the attribute)."""
     module, _, attr = path.partition(":")
     try:
         obj = importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"reward {path!r}: cannot import module {module!r} ({e})") from None
+        raise LookupError(f"cannot import module {module!r} ({e})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward {path!r}: module {module!r} has no attribute {attr!r}")
+            raise LookupError(f"module {module!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def _import(path: str) -> Any:
+    try:
+        return resolve_dotted(path)
+    except LookupError as e:
+        raise ValueError(f"reward {path!r}: {e}") from None
 
 
 # What each built-in reward reads (image, video, audio: audio-video training routes its advantage by this) and
