@@ -14,7 +14,7 @@ from diffrl.inference import load_for_inference, sample
 from diffrl.rollout import tree_rollout
 from diffrl.seeding import mix_seed
 from diffrl.tree import TreeSchedule
-from tests_helpers import MODEL
+from tests_helpers import MODEL, random_lora
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 PROMPTS = ["two red circles", "a blue square left of a green triangle"]
@@ -23,15 +23,8 @@ PROMPTS = ["two red circles", "a blue square left of a green triangle"]
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """The tiny model with a LoRA that changes it, saved in the diffusers format."""
-    ad = load_for_inference(MODEL)
-    ad.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ad.trainable_parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
     folder = tmp_path_factory.mktemp("lora")
-    ad.save_lora(str(folder))
-    return ad, folder
+    return random_lora(folder), folder
 
 
 def test_w0_is_the_base_sampler_and_w1_the_fine_tuned_one_bit_for_bit(tuned):

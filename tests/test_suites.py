@@ -5,13 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from diffrl.cli import build_parser, main
 from diffrl.eval_report import Column, plan_columns
-from diffrl.inference import load_for_inference
 from rewards.ocr import target_text
-from tests_helpers import MODEL, ROOT
+from tests_helpers import MODEL, ROOT, random_lora
 
 CHEAP = ["--model", MODEL, "--steps", "2"]
 
@@ -19,14 +17,8 @@ CHEAP = ["--model", MODEL, "--steps", "2"]
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     """A LoRA of the tiny model with random weights (so it samples differently), in the diffusers format."""
-    ad = load_for_inference(MODEL)
-    ad.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ad.trainable_parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
     folder = tmp_path_factory.mktemp("lora")
-    ad.save_lora(str(folder))
+    random_lora(folder)
     return str(folder)
 
 

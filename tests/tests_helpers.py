@@ -73,3 +73,20 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def random_lora(folder: Path):
+    """The tiny model with a LoRA of random weights (so it samples differently), saved in the diffusers format to
+    ``folder``; returns the adapter."""
+    import torch
+
+    from diffrl.inference import load_for_inference
+
+    ad = load_for_inference(MODEL)
+    ad.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ad.trainable_parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    ad.save_lora(str(folder))
+    return ad
