@@ -237,6 +237,28 @@ def weighted_sum(scores: Mapping[str, Tensor], weights: Mapping[str, float], val
     return LeafValues(fill_invalid(total, valid, groups[:, None].expand_as(total)), valid, groups)
 
 
+def weighted_mean(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor,
+                  groups: Tensor) -> LeafValues:
+    """``reward_aggregation: mean``: each leaf's value is sum_k w_k R_k / sum_k w_k (the weights need a non-zero
+    sum); invalid leaves take their group's mean valid value."""
+    weights = _check_rewards(scores, weights)
+    norm = sum(weights.values())
+    if norm == 0:
+        raise ValueError("reward_aggregation 'mean' needs reward weights with a non-zero sum")
+    total = sum(weights[k] * r for k, r in scores.items()) / norm
+    return LeafValues(fill_invalid(total, valid, groups[:, None].expand_as(total)), valid, groups)
+
+
+def weighted_min(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor,
+                 groups: Tensor) -> LeafValues:
+    """``reward_aggregation: min``, a pessimistic ensemble against reward hacking: each leaf's value is
+    min_k w_k R_k, so a leaf scores high only when every reward agrees (the weights put the rewards on one scale);
+    invalid leaves take their group's mean valid value."""
+    weights = _check_rewards(scores, weights)
+    total = torch.stack([weights[k] * r for k, r in scores.items()]).amin(0)
+    return LeafValues(fill_invalid(total, valid, groups[:, None].expand_as(total)), valid, groups)
+
+
 def gdpo(scores: Mapping[str, Tensor], weights: Mapping[str, float], valid: Tensor, groups: Tensor) -> LeafValues:
     """``reward_aggregation: gdpo`` (GDPO, arXiv 2601.05242): each valid leaf's value is the decoupled advantage
     BN(sum_k w_k z_k) over the valid leaves (``gdpo_advantages``), invalid leaves 0. Already normalised."""
@@ -280,7 +302,8 @@ def depth_wise(leaves: LeafValues, trees: Trees) -> Tensor:
     return depthwise_advantages(values, sched, tree_groups=leaves.groups, valid=above_valid)
 
 
-AGGREGATIONS: dict[str, Aggregation] = {"sum": weighted_sum, "gdpo": gdpo}
+AGGREGATIONS: dict[str, Aggregation] = {"sum": weighted_sum, "mean": weighted_mean, "min": weighted_min,
+                                         "gdpo": gdpo}
 """``train.reward_aggregation`` -> how several rewards become one value per leaf. Add an entry to offer another."""
 
 ESTIMATORS: dict[str, Estimator] = {"grpo": group_zscore, "rloo": leave_one_out, "tree": depth_wise}

@@ -26,9 +26,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
-def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict) -> Path:
-    """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints; temporary folders left by a
-    save that was killed midway are removed first (they are never loaded, only disk)."""
+def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict,
+         keep: Optional[int] = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints, and the newest one at or
+    before step ``keep`` when given; temporary folders left by a save that was killed midway are removed first (they
+    are never loaded, only disk)."""
     run_dir = Path(run_dir)
     for stale in run_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -44,7 +46,7 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    prune(run_dir, final)
+    prune(run_dir, final, keep)
     return final
 
 
@@ -56,16 +58,38 @@ def _write_error(run_dir: Path, tmp: Path, final: Path, error: Exception) -> Che
                            f"checkpoint {previous.name if previous else '(none)'} is intact")
 
 
-def prune(run_dir: Path, final: Path) -> None:
-    """Keep ``final`` (just written) and the ``KEEP - 1`` newest checkpoints before it; checkpoints of later steps
-    belong to no live history (a run resumes from its newest), so they go too."""
+def prune(run_dir: Path, final: Path, keep: Optional[int] = None) -> None:
+    """Keep ``final`` (just written), the ``KEEP - 1`` newest checkpoints before it and the newest at or before
+    step ``keep`` (a guard's return point); checkpoints of later steps belong to no live history (a run resumes
+    from its newest), so they go too."""
     found = sorted(run_dir.glob("checkpoint-*"))
     older, later = [p for p in found if p.name < final.name], [p for p in found if p.name > final.name]
+    pinned = at_or_before(run_dir, keep) if keep is not None else None
     for old in older[: max(0, len(older) - (KEEP - 1))] + later:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != pinned:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict, rank: int) -> Path:
+def at_or_before(run_dir: Path, step: int) -> Optional[Path]:
+    """The newest complete checkpoint of a step at most ``step``, or None."""
+    found = sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / "state.json").is_file()
+                   and _step_of(p) <= step)
+    return found[-1] if found else None
+
+
+def remove_after(run_dir: Path, path: Path) -> None:
+    """Remove the checkpoints newer than ``path`` (after a rollback to it they belong to no live history)."""
+    for later in Path(run_dir).glob("checkpoint-*"):
+        if later.name > path.name:
+            shutil.rmtree(later, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict, rank: int,
+                 keep: Optional[int] = None) -> Path:
     """``save`` for FSDP runs, called by every process: ``sharded`` (DTensors: the trained parameters, their EMA,
     the optimizer state) goes through ``torch.distributed.checkpoint``, each process writing only its own shards
     into ``checkpoint-<step>/sharded``; the first process adds ``state.json`` and renames the folder into place once
@@ -90,7 +114,7 @@ def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(run_dir, final)
+        prune(run_dir, final, keep)
     dist.barrier()
     return final
 

@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffrl.adapters.base import ModelLoadError
     from diffrl.checkpoint import CheckpointError
     from diffrl.config import ConfigError
-    from diffrl.guard import NonFiniteError
+    from diffrl.finite import NonFiniteError
     from diffrl.prompts import PromptError
     from diffrl.scoring import RewardError
 

@@ -118,6 +118,33 @@ class PruningConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The reward-hacking alarm over ``train.guard_rewards`` (``diffrl.hacking``): a guard fires when its value,
+    averaged over the last ``window`` steps, falls more than its threshold below its running best."""
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Guard name -> the drop from its running best that fires the alarm (in ``units``); a guard without one is
+    logged and plotted only. Each value must be a finite number > 0."""
+    units: str = "absolute"
+    """absolute (the guard's own units, after its weight) or stderr (standard errors of the difference between the
+    best and the current window means, from the per-step spread of the guard's scores)."""
+    window: int = 5
+    """Steps averaged before comparing with the best (a per-step mean over a few samples is noisy). Range: [1, 1000]."""
+    patience: int = 1
+    """Consecutive steps past the threshold before the alarm fires. Range: [1, 1000]."""
+    action: str = "warn"
+    """warn (log the evidence, go on), stop (end the run and export the newest checkpoint at or before the guard's
+    best step) or rollback (restore that checkpoint, multiply the learning rate by ``lr_factor`` and the KL weight
+    by ``kl_factor``, go on). Every alarm is written to ``guard_events.jsonl`` with both curves' values."""
+    lr_factor: float = 0.5
+    """Learning-rate multiplier of each rollback. Range: (0, 1]."""
+    kl_factor: float = 1.0
+    """KL-weight multiplier of each rollback (needs ``train.kl_weight`` > 0 to have an effect). Range: [1, inf)."""
+    max_rollbacks: int = 3
+    """Rollbacks before an alarm stops the run instead. Range: [1, 1000]."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 40
     """RL steps (each: rollouts, rewards, advantages, update). Range: [1, 10000000]."""
@@ -174,8 +201,18 @@ class TrainConfig:
     Range: (0, inf)."""
     reward_aggregation: str = "sum"
     """How several rewards become one value per leaf (``diffrl.advantages.AGGREGATIONS``): sum (the weighted sum of
-    the rewards) or gdpo (GDPO's BN(sum_k w_k z_k): per-reward group z-scores, weighted, renormalised over the
-    batch; an advantage already, which grpo does not normalise again)."""
+    the rewards), mean (the weighted mean), min (the smallest weighted reward: a pessimistic ensemble, high only
+    where every reward agrees, against reward hacking) or gdpo (GDPO's BN(sum_k w_k z_k): per-reward group
+    z-scores, weighted, renormalised over the batch; an advantage already, which grpo does not normalise again)."""
+    guard_rewards: dict[str, float] = field(default_factory=dict)
+    """Rewards scored beside training and never trained on, named and weighted like ``rewards`` (e.g. ``{shapes:
+    1.0}``): every step's rollouts and every evaluation's samples are scored, and ``guard_<name>`` (the weight times
+    the reward's first score, averaged) is logged, tracked and plotted beside the trained reward; a negative weight
+    turns a lower-is-better guard around. ``train.guard`` sets the alarm."""
+    guard_reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Guard reward name -> keyword options for its factory, like ``reward_options``."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """The reward-hacking alarm: thresholds per guard, and what it does when one fires."""
     reward_routing: dict[str, list[str]] = field(default_factory=dict)
     """Modality routing (OmniNFT, joint audio-video): reward name -> the latent streams its advantage trains, e.g.
     ``{aesthetic: [video], av_sync: [video, audio]}``; each stream's log-prob trains with the advantage of its
@@ -328,7 +365,8 @@ RANGES: dict[str, str] = {
     "train.reward_timeout_s": "(0, inf)", "train.minibatch": "[1, 1000000]", "train.tokens_per_batch": "[1, inf)",
     "train.inner_epochs": "[1, 1000]", "train.updates_per_epoch": "[1, 1000000]", "train.max_grad_norm": "(0, inf)",
     "train.ema_decay": "[0, 1)", "train.pruning.width_ratio": "(0, 1]", "train.pruning.until": "[0, 1]",
-    "train.pruning.depth_interval": "[1, inf)",
+    "train.pruning.depth_interval": "[1, inf)", "train.guard.window": "[1, 1000]", "train.guard.patience": "[1, 1000]",
+    "train.guard.lr_factor": "(0, 1]", "train.guard.kl_factor": "[1, inf)", "train.guard.max_rollbacks": "[1, 1000]",
     "explore.candidates": "[1, 1000]", "explore.keep": "[1, 1000000]", "explore.preview_steps": "[1, 1000]",
     "explore.min_dim": "[0, inf)",
     "data.eval_size": "[1, 100000]", "data.eval_seeds": "[1, 1000]",
@@ -358,13 +396,19 @@ def _range_errors(cfg: Config, where: str) -> list[str]:
     return errors
 
 
+def _known_rewards() -> list[str]:
+    """Reward names: the built-ins and installed plug-ins."""
+    from rewards import REGISTRY, plugins
+
+    return [*REGISTRY, *plugins()]
+
+
 def _name_errors(cfg: Config, where: str) -> list[str]:
     """Unknown model families and reward names (built-in or installed plug-ins; ``pkg.module:attr`` paths are
     imported later)."""
     from diffrl.adapters import ADAPTERS
-    from rewards import REGISTRY, plugins
 
-    errors, known = [], [*REGISTRY, *plugins()]
+    errors, known = [], _known_rewards()
     if ":" not in cfg.model.family and cfg.model.family not in ADAPTERS:
         close = difflib.get_close_matches(cfg.model.family, list(ADAPTERS), n=1)
         errors.append(f"{where}: unknown 'model.family' {cfg.model.family!r}; choose one of {sorted(ADAPTERS)} or "
@@ -535,6 +579,41 @@ def validate(cfg: Config, where: str) -> list[str]:
     errors += [f"{where}: 'reward_options.{k}' names no reward in 'rewards' ({sorted(cfg.rewards)})"
                for k in cfg.reward_options if k not in cfg.rewards]
     errors += _tracker_errors(cfg, where)
+    errors += _guard_errors(cfg, where)
+    if t.reward_aggregation == "mean" and sum(cfg.rewards.values()) == 0:
+        errors.append(f"{where}: 'train.reward_aggregation' mean divides by the sum of the reward weights, which is 0")
+    return errors
+
+
+def _guard_errors(cfg: Config, where: str) -> list[str]:
+    """``train.guard_rewards`` and ``train.guard``: thresholds of known guards, an action that can act."""
+    t, g = cfg.train, cfg.train.guard
+    errors = [f"{where}: 'train.guard_rewards.{k}' weight must be a finite non-zero number, got {w}"
+              for k, w in t.guard_rewards.items() if not (math.isfinite(w) and w != 0)]
+    errors += [f"{where}: 'train.guard_reward_options.{k}' names no guard in 'train.guard_rewards' "
+               f"({sorted(t.guard_rewards)})" for k in t.guard_reward_options if k not in t.guard_rewards]
+    errors += [f"{where}: 'train.guard.thresholds.{k}' names no guard in 'train.guard_rewards' "
+               f"({sorted(t.guard_rewards)})" for k in g.thresholds if k not in t.guard_rewards]
+    errors += [f"{where}: 'train.guard.thresholds.{k}' must be a finite number > 0, got {v}"
+               for k, v in g.thresholds.items() if not (math.isfinite(v) and v > 0)]
+    if g.units not in ("absolute", "stderr"):
+        errors.append(f"{where}: 'train.guard.units' must be one of ['absolute', 'stderr'], got {g.units!r}")
+    if g.action not in ("warn", "stop", "rollback"):
+        errors.append(f"{where}: 'train.guard.action' must be one of ['warn', 'stop', 'rollback'], got {g.action!r}")
+    elif g.action != "warn" and not g.thresholds:
+        errors.append(f"{where}: 'train.guard.action' {g.action} acts when a guard's threshold is crossed: set "
+                      "'train.guard.thresholds' (e.g. {shapes: 0.05})")
+    if g.action == "rollback" and g.lr_factor == 1 and g.kl_factor == 1:
+        errors.append(f"{where}: 'train.guard.action' rollback with 'lr_factor' and 'kl_factor' both 1 would replay "
+                      "the same drop; lower the learning rate or raise the KL weight")
+    if g.kl_factor != 1 and t.kl_weight == 0:
+        errors.append(f"{where}: 'train.guard.kl_factor' multiplies 'train.kl_weight', which is 0: set a KL weight")
+    known = _known_rewards()
+    for name in t.guard_rewards:
+        if ":" not in name and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            errors.append(f"{where}: unknown reward 'train.guard_rewards.{name}'; choose one of {sorted(known)} or "
+                          "'pkg.module:function'" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return errors
 
 

@@ -1,5 +1,10 @@
 """Score rollouts with the configured rewards, robustly: a sample whose reward raises or is not finite is marked
-invalid (with a warning naming the reward and the prompt) instead of stopping or corrupting the run."""
+invalid (with a warning naming the reward and the prompt) instead of stopping or corrupting the run.
+
+A groupwise reward (attribute ``groupwise`` true, e.g. ``rewards.groupwise``) scores the samples of one prompt
+together, as Pref-GRPO's (arXiv 2508.20751) pairwise preferences do: it is called once per group of samples with
+equal prompts, ``reward(media_of_the_group, prompt) -> {name: [group size]}``. The groups are the ones the
+advantages normalise over: the leaves of a prompt's trees, or its flat chains."""
 from __future__ import annotations
 
 import logging
@@ -29,8 +34,39 @@ def _first_score(name: str, out: Mapping[str, Tensor], n: int) -> Tensor:
     return value
 
 
+def prompt_groups(prompts: Sequence[str]) -> list[list[int]]:
+    """The indices of each distinct prompt, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    return list(groups.values())
+
+
+def _call_groups(name: str, fn: Callable, media: Sequence, prompts: Sequence[str]) -> Tensor:
+    """``[B]`` scores of a groupwise reward, called once per prompt group; NaN for a group whose call raised."""
+    out = torch.full((len(prompts),), math.nan)
+    for idx in prompt_groups(prompts):
+        try:
+            out[idx] = _first_score(name, fn(take_media(media, idx), prompts[idx[0]]), len(idx))
+        except Exception as e:  # noqa: BLE001 - the group is left out, the others go on
+            log.warning("groupwise reward %r raised on the %d samples of prompt %r: %s", name, len(idx),
+                        prompts[idx[0]], e)
+    return out
+
+
+def take_media(media, idx: Sequence[int]):
+    """The samples ``idx`` of a media batch: a tensor, a list, or an audio-video dict (its tensor fields indexed)."""
+    if isinstance(media, Tensor):
+        return media[torch.as_tensor(idx, device=media.device)]
+    if isinstance(media, dict):
+        return {k: take_media(v, idx) if isinstance(v, (Tensor, list)) else v for k, v in media.items()}
+    return [media[i] for i in idx]
+
+
 def _call(name: str, fn: Callable, media: Sequence, prompts: Sequence[str]) -> Tensor:
     """``[B]`` scores; NaN for samples whose reward raised (found by re-running sample by sample)."""
+    if getattr(fn, "groupwise", False):
+        return _call_groups(name, fn, media, prompts)
     try:
         return _first_score(name, fn(media, list(prompts)), len(prompts))
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing samples, then report them

@@ -63,6 +63,8 @@ class Run:
     """How the step's rollouts are made (``trainer.Rollouts``, or ``trainer.Exploration`` with ``explore.enabled``)."""
     evaluator: Optional[Callable] = None
     """How held-out samples are scored (``diffrl.evaluation``; ``data.evaluator``)."""
+    guards: Optional[Any] = None
+    """The guard rewards and the reward-hacking alarm (``diffrl.guards.Guards``; ``train.guard_rewards``)."""
 
 
 @dataclass

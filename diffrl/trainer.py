@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import yaml
@@ -29,7 +29,10 @@ from diffrl.config import Config, ConfigError, to_dict
 from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
 from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
-from diffrl.guard import NonFiniteError, check_finite
+from diffrl.finite import NonFiniteError, check_finite
+from diffrl.guards import Guards
+from diffrl.guards import apply as apply_guards
+from diffrl.hacking import Alarm
 from diffrl.inference import EVAL_SEED, sample
 from diffrl.model_card import write_card
 from diffrl.prompts import PromptStream, eval_prompts
@@ -57,7 +60,11 @@ def build(cfg: Config, out: Path) -> Run:
     if world > 1:
         log.info("process %d of %d processes (local rank %d, %s)", rank, world, place.local_rank, place.device)
     tracking.check_installed(tracking.active(cfg.log))
-    rewards = load_rewards(cfg)  # before the model: a bad reward fails in seconds, not after a long load
+    # before the model: a bad reward fails in seconds, not after a long load
+    rewards = load_rewards(cfg.rewards, cfg.reward_options)
+    t = cfg.train
+    guards = Guards(load_rewards(t.guard_rewards, t.guard_reward_options, "guard reward"), t.guard_rewards, t.guard,
+                    t.lr, t.kl_weight) if t.guard_rewards else None
     sharded = cfg.model.fsdp and world > 1
     try:
         adapter_cls = load_adapter_class(cfg.model.family)
@@ -71,6 +78,11 @@ def build(cfg: Config, out: Path) -> Run:
         adapter.set_family_guidance(cfg.sampler.family_guidance)
     except ValueError as e:
         raise ConfigError(f"'sampler.family_guidance': {e}") from None
+    native = getattr(adapter, "native_resolution", None)
+    if cfg.model.resolution and native and cfg.model.resolution < native:
+        log.warning("'model.resolution' %d is below %s's native %d px: the rewards read images the model rarely "
+                    "makes at this size, which invites reward hacking (blur and artifacts a reward does not see); "
+                    "evaluate at %d px before trusting a gain", cfg.model.resolution, cfg.model.family, native, native)
     if not sharded:
         weights = (p for m in adapter.denoisers.values() for p in m.parameters())
         check_finite(f"the weights of {cfg.model.path}", weights)
@@ -111,17 +123,18 @@ def build(cfg: Config, out: Path) -> Run:
                                     exclude=held_out if cfg.data.exclude_eval else ()),
                eval_prompts=held_out,
                minibatch=batch_size(cfg, adapter.sequence_length), tracker=tracker, rank=rank, world=world,
-               explorer=explorer, evaluator=evaluator, collector=Rollouts() if explorer is None else Exploration())
+               explorer=explorer, evaluator=evaluator, collector=Rollouts() if explorer is None else Exploration(),
+               guards=guards)
 
 
-def load_rewards(cfg: Config) -> dict[str, Callable]:
-    """The configured rewards, each loaded with its options; a reward that cannot load is one ``ConfigError``."""
+def load_rewards(names: Iterable[str], options: dict[str, dict], what: str = "reward") -> dict[str, Callable]:
+    """The named rewards, each loaded with its options; a reward that cannot load is one ``ConfigError``."""
     rewards = {}
-    for name in cfg.rewards:
+    for name in names:
         try:
-            rewards[name] = reward_registry.load(name, **cfg.reward_options.get(name, {}))
+            rewards[name] = reward_registry.load(name, **options.get(name, {}))
         except (ValueError, TypeError, ImportError, OSError) as e:
-            raise ConfigError(f"reward {name!r} cannot load: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{what} {name!r} cannot load: {str(e).splitlines()[0]}") from None
     return rewards
 
 
@@ -190,7 +203,8 @@ def rollouts(run: Run, step: int) -> Batch:
     all_prompts, first, prompts, seeds = _step_trees(run, step, cfg.train.trees_per_prompt)
     n, s, leaves = len(prompts), cfg.sampler, run.schedule.num_leaves
     parts, images, pending = [], [], []
-    for idx in torch.arange(n).tensor_split(min(cfg.train.rollout_chunks, n)):
+    groups = torch.arange(n).reshape(-1, cfg.train.trees_per_prompt)  # a chunk holds whole prompts (groupwise rewards)
+    for idx in (g.flatten() for g in groups.tensor_split(min(cfg.train.rollout_chunks, len(groups)))):
         chunk = [prompts[i] for i in idx.tolist()]
         with torch.no_grad():
             ro = tree_rollout(_velocity(run, s.guidance_scale), run.schedule, run.sigmas,
@@ -279,24 +293,34 @@ def score(run: Run, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Leaf rewards ``[trees, leaves]`` of every process's trees (the weighted sum of the rewards), validity,
     and the raw scores ``{name: [trees * leaves]}``; each process scores its own leaves (or collects its chunks'
     background scores), then the rewards are gathered."""
-    leaves = run.schedule.num_leaves
-    leaf_prompts = [p for p in batch.prompts for _ in range(leaves)]
     if batch.pending_scores:
         done = [f.result() for f in batch.pending_scores]
         scores = {k: torch.cat([d[0][k] for d in done]) for k in run.rewards}
         valid = check_valid(torch.cat([d[1] for d in done]), run.rewards)
-    elif batch.rollout.kept is not None:  # only the regenerated leaves have media
+        dev = batch.rollout.leaves.device
+        scores, valid = {k: gather_rows(v).to(dev) for k, v in scores.items()}, gather_rows(valid).to(dev)
+    else:
+        scores, valid = leaf_scores(run, batch, run.rewards)
+    total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
+    shape = (len(batch.all_prompts), run.schedule.num_leaves)
+    return total.reshape(shape), valid.reshape(shape), scores
+
+
+def leaf_scores(run: Run, batch: Batch, rewards: dict[str, Callable]) -> tuple[dict[str, Tensor], Tensor]:
+    """``rewards`` on the batch's media: ``{name: [trees * leaves]}`` and validity ``[trees * leaves]`` of every
+    process's leaves (each process scores its own, then they are gathered); with exploration only the regenerated
+    leaves have media, the others are invalid."""
+    leaf_prompts = [p for p in batch.prompts for _ in range(run.schedule.num_leaves)]
+    timeout = run.cfg.train.reward_timeout_s
+    if batch.rollout.kept is not None:  # only the regenerated leaves have media
         idx = batch.rollout.kept.flatten().nonzero().flatten()
-        sub, ok = score_batch(run.rewards, batch.images, [leaf_prompts[i] for i in idx], run.cfg.train.reward_timeout_s)
+        sub, ok = score_batch(rewards, batch.images, [leaf_prompts[i] for i in idx], timeout)
         scores = {k: torch.zeros(len(leaf_prompts)).index_copy_(0, idx, v) for k, v in sub.items()}
         valid = torch.zeros(len(leaf_prompts), dtype=torch.bool).index_copy_(0, idx, ok)
     else:
-        scores, valid = score_batch(run.rewards, batch.images, leaf_prompts, run.cfg.train.reward_timeout_s)
+        scores, valid = score_batch(rewards, batch.images, leaf_prompts, timeout)
     dev = batch.rollout.leaves.device  # the advantage math runs where the transitions it indexes live
-    scores, valid = {k: gather_rows(v).to(dev) for k, v in scores.items()}, gather_rows(valid).to(dev)
-    total = sum(w * scores[k] for k, w in run.cfg.rewards.items())
-    shape = (len(batch.all_prompts), leaves)
-    return total.reshape(shape), valid.reshape(shape), scores
+    return {k: gather_rows(v).to(dev) for k, v in scores.items()}, gather_rows(valid).to(dev)
 
 
 def _prompt_groups(prompts: list[str], device: torch.device) -> Tensor:
@@ -400,9 +424,14 @@ def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = Fal
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     """Held-out accuracy of ``data.eval_seeds`` samples per held-out prompt, scored by the run's evaluator
-    (``diffrl.evaluation``: the shapes verifier's strict score per kind, or a reward's mean)."""
+    (``diffrl.evaluation``: the shapes verifier's strict score per kind, or a reward's mean), and the guard rewards'
+    values on the same samples (``guard_<name>``)."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
-    return run.evaluator(sample_images(run, prompts, seed=EVAL_SEED, reference=reference), prompts)
+    media = sample_images(run, prompts, seed=EVAL_SEED, reference=reference)
+    result = run.evaluator(media, prompts)
+    if run.guards is not None:
+        result.update(Guards.metrics(run.guards.score(media, prompts, run.cfg.train.reward_timeout_s)))
+    return result
 
 
 def grid_path(run: Run, step: int) -> Path:
@@ -430,17 +459,23 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    """The trained weights, EMA, optimizer and history, written atomically by the first process; sharded (FSDP),
-    every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``)."""
+    """The trained weights, EMA, optimizer, history and guard state, written atomically by the first process;
+    sharded (FSDP), every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``).
+    With a guard that stops or rolls back, the newest checkpoint at or before the guards' best step is kept too."""
     meta = {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy}
+    keep = None
+    if run.guards is not None:
+        meta["guards"] = run.guards.state_dict()
+        if run.cfg.train.guard.action != "warn":  # where a stop or a rollback would return to
+            keep = run.guards.alarm.best_step()
     if run.adapter.sharded:
-        checkpoint.save_sharded(run.out, state.step, _sharded_state(run, state.ema), meta, run.rank)
+        checkpoint.save_sharded(run.out, state.step, _sharded_state(run, state.ema), meta, run.rank, keep)
         return
     tensors = {"lora": run.adapter.trained_state_dict()}
     if state.ema is not None:
         tensors["ema"] = state.ema
     if run.rank == 0:
-        checkpoint.save(run.out, state.step, tensors, run.optimizer.state_dict(), meta)
+        checkpoint.save(run.out, state.step, tensors, run.optimizer.state_dict(), meta, keep)
 
 
 def _sharded_state(run: Run, ema: Optional[dict[str, Tensor]]) -> dict:
@@ -458,9 +493,11 @@ def _sharded_state(run: Run, ema: Optional[dict[str, Tensor]]) -> dict:
     return out
 
 
-def restore(run: Run) -> TrainState:
-    """The state of the newest checkpoint in the run directory (metrics.jsonl is rewritten to match it)."""
-    path = checkpoint.latest(run.out)
+def restore(run: Run, path: Optional[Path] = None, rewrite_metrics: bool = True) -> TrainState:
+    """The state of checkpoint ``path`` (default: the newest in the run directory), its weights loaded; the guards'
+    state and rollback multipliers too. metrics.jsonl is rewritten to match it unless ``rewrite_metrics`` is
+    False."""
+    path = path or checkpoint.latest(run.out)
     if path is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.out}")
     if run.adapter.sharded:
@@ -478,7 +515,10 @@ def restore(run: Run) -> TrainState:
         ema = tensors.get("ema") if run.cfg.train.ema_decay > 0 else None  # EMA turned off on resume: none exported
     state = TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"],
                        base_accuracy=saved["base_accuracy"], ema=ema)
-    if run.rank == 0:
+    if run.guards is not None and "guards" in saved:
+        run.guards.load_state_dict(saved["guards"])
+        apply_guards(run.guards, run.cfg.train)
+    if run.rank == 0 and rewrite_metrics:
         checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     log.info("resumed from %s (step %d)", path, state.step)
     return state
@@ -511,29 +551,85 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
         run.command = command
         state = begin(run, resume, changes)
         try:
-            loop(run, state, on_step)
+            stopped = loop(run, state, on_step)
         except NonFiniteError as e:
             raise stop_nonfinite(run, state, e, time.perf_counter() - t_start) from None
-        summary = finish(run, state, time.perf_counter() - t_start) if run.rank == 0 or run.adapter.sharded else {}
+        summary = (finish(run, state, time.perf_counter() - t_start, stopped)
+                   if run.rank == 0 or run.adapter.sharded else {})
     finally:
         lock.release()
         shutdown()
     return summary
 
 
-def loop(run: Run, state: TrainState, on_step: Optional[Callable[[TrainState], None]] = None) -> None:
-    """The RL steps from ``state.step`` to ``train.steps``, each followed by its logging, evaluation and checkpoint."""
-    bar = tqdm(range(state.step, run.cfg.train.steps), initial=state.step, total=run.cfg.train.steps, desc="RL",
-               disable=run.rank != 0)
-    for step in bar:
-        metrics = train_step(run, state, step)
-        state.step = step + 1
-        if run.rank == 0 or run.adapter.sharded:  # sharded, every process takes part in evaluation and saving
-            after_step(run, state, metrics)
-        if run.rank == 0:
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
-        if on_step is not None:
-            on_step(state)
+def loop(run: Run, state: TrainState, on_step: Optional[Callable[[TrainState], None]] = None) -> Optional[dict]:
+    """The RL steps from ``state.step`` to ``train.steps``, each followed by its logging, evaluation and checkpoint,
+    and by the guards' alarm (``on_alarm``). Returns None, or what a guard's stop says (``on_alarm``)."""
+    with tqdm(initial=state.step, total=run.cfg.train.steps, desc="RL", disable=run.rank != 0) as bar:
+        while state.step < run.cfg.train.steps:
+            metrics = train_step(run, state, state.step)
+            state.step += 1
+            alarm = None
+            if run.guards is not None:
+                names = run.guards.rewards
+                alarm = run.guards.alarm.observe(state.step, {n: (metrics[f"guard_{n}"], metrics[f"guard_{n}_se"])
+                                                              for n in names})
+            if run.rank == 0 or run.adapter.sharded:  # sharded, every process takes part in evaluation and saving
+                after_step(run, state, metrics)
+            if run.rank == 0:
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
+            stopped = on_alarm(run, state, alarm) if alarm is not None else None
+            if on_step is not None:
+                on_step(state)
+            if stopped is not None:
+                return stopped
+            bar.n = state.step
+            bar.refresh()
+    return None
+
+
+def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
+    """Act on a guard's alarm by ``train.guard.action`` (every process alike: the guards' values are gathered), with
+    the evidence (both curves' recent values) in ``guard_events.jsonl`` and the log. warn: nothing else. stop: the
+    newest checkpoint at or before the guard's best step is loaded for export; returns what the summary says.
+    rollback: that checkpoint is restored into ``state``, the learning rate and KL weight are multiplied by
+    ``lr_factor`` and ``kl_factor``, and training goes on from there (after ``max_rollbacks``, a stop)."""
+    g, guards = run.cfg.train.guard, run.guards
+    action = "stop" if g.action == "rollback" and guards.rollbacks >= g.max_rollbacks else g.action
+    recent = {m["step"]: m["reward_mean"] for m in state.history[-2 * g.window:]}
+    event = {"step": state.step, "action": action, "guard": alarm.guard, "best": alarm.best,
+             "best_step": alarm.best_step, "current": alarm.current, "threshold": alarm.threshold,
+             "units": alarm.units, "guard_values": alarm.recent, "reward_mean": recent}
+    stopped = None
+    if action == "warn":
+        log.warning("%s: training goes on ('train.guard.action' warn)", alarm.sentence())
+    else:
+        target = checkpoint.at_or_before(run.out, alarm.best_step)
+        event["restored"] = target.name
+        if action == "stop":
+            restored = restore(run, target, rewrite_metrics=False)
+            state.ema = restored.ema
+            stopped = {"reason": alarm.sentence(), "exported_step": restored.step}
+            log.warning("%s: the run stops and exports %s", alarm.sentence(), target.name)
+        else:
+            counters = guards.rollbacks, guards.lr_scale, guards.kl_scale
+            event["abandoned"] = state.history[len(json.loads((target / "state.json").read_text())["history"]):]
+            restored = restore(run, target)
+            if run.rank == 0:
+                checkpoint.remove_after(run.out, target)
+            guards.rollbacks, guards.lr_scale, guards.kl_scale = counters
+            event["lr"], event["kl_weight"] = guards.rolled_back()
+            apply_guards(guards, run.cfg.train)
+            run.collector.after_restore(run)
+            state.step, state.history, state.evals, state.ema = (restored.step, restored.history, restored.evals,
+                                                                 restored.ema)
+            log.warning("%s: rolled back to %s (rollback %d of %d), learning rate %.3g, KL weight %.3g",
+                        alarm.sentence(), target.name, guards.rollbacks, g.max_rollbacks, event["lr"],
+                        event["kl_weight"])
+    if run.rank == 0:
+        with open(run.out / "guard_events.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+    return stopped
 
 
 def stop_nonfinite(run: Run, state: TrainState, error: NonFiniteError, wall_s: float) -> NonFiniteError:
@@ -575,6 +671,8 @@ def begin(run: Run, resume: bool, changes: Optional[dict] = None) -> TrainState:
         state.base_accuracy = base["accuracy"]
         state.evals.append({"step": 0, **base})
         write_grid(run, state)
+        if run.guards is not None and run.cfg.train.guard.action != "warn":
+            save_checkpoint(run, state)  # a drop before the first checkpoint returns to the base model
     return state
 
 
@@ -601,6 +699,7 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
     t0 = time.perf_counter()
     leaf_r, valid, scores = score(run, batch)
     check_finite("the weighted reward", leaf_r[valid])
+    guard_values = run.guards.values(*leaf_scores(run, batch, run.guards.rewards)) if run.guards else {}
     adv, mask = advantage(run, batch, leaf_r, valid, step, scores)
     check_finite("the advantages", adv)
     lr = set_lr(run, step)
@@ -618,7 +717,8 @@ def train_step(run: Run, state: TrainState, step: int) -> dict:
             **({"old_dev": stats["old_dev"]} if "old_dev" in stats else {}),
             "trained_edges": int(mask.sum()), "invalid": run.collector.expected_leaves(run, valid) - int(valid.sum()),
             **({"sde_window": list(window)} if (window := sde_window(run.cfg, step)) else {}),
-            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()}, **collected}
+            **{f"reward_{k}": float(v[valid.flatten()].mean()) for k, v in scores.items()},
+            **Guards.metrics(guard_values), **collected}
 
 
 def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
@@ -631,10 +731,11 @@ def _explore_metrics(run: Run, batch: Batch, leaf_r: Tensor) -> dict:
             "spearman": None if math.isnan(rho) else round(rho, 4)}
 
 
-def finish(run: Run, state: TrainState, wall_s: float) -> dict:
+def finish(run: Run, state: TrainState, wall_s: float, stopped: Optional[dict] = None) -> dict:
     """Final evaluation, plots, the diffusers-format export (LoRA or transformer) with its model card
     (``diffrl.model_card``), summary.json, and the trackers' summary. The optimizer's state and gradients are dropped
-    first (the last checkpoint holds them): their memory goes to the export."""
+    first (the last checkpoint holds them): their memory goes to the export. ``stopped``: a guard stopped the run
+    (``on_alarm``) and the weights loaded are the checkpoint it chose."""
     run.optimizer.zero_grad(set_to_none=True)
     run.optimizer.state.clear()
     with Swap(run.adapter, state.ema):
@@ -646,9 +747,16 @@ def finish(run: Run, state: TrainState, wall_s: float) -> dict:
     exported = Path(run.adapter.export(str(run.out), state.ema))
     if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
         return {}
-    training_curves(state.history, state.evals, run.out / "curves.png")
+    events = run.out / "guard_events.jsonl"
+    training_curves(state.history, state.evals, run.out / "curves.png",
+                    events=[json.loads(x) for x in events.read_text().splitlines()] if events.is_file() else ())
     summary = {"status": "finished", "base_accuracy": state.base_accuracy, "final_accuracy": final,
                "wall_s": round(wall_s, 1), "steps": state.step, "evals": state.evals}
+    if stopped is not None:
+        summary.update(status="stopped_by_guard", **stopped)
+    if run.guards is not None:
+        summary["guard"] = {"rollbacks": run.guards.rollbacks, "lr": run.cfg.train.lr,
+                            "kl_weight": run.cfg.train.kl_weight}
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_card(exported, to_dict(run.cfg), summary, evaluator=run.evaluator.name, full=run.adapter.full_finetune,
                grid=grid_path(run, state.step), command=run.command)

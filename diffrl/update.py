@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from diffrl.distributed import average_gradients, max_over_processes
+from diffrl.finite import NonFiniteError, check_finite
 from diffrl.fsdp import local_part
-from diffrl.guard import NonFiniteError, check_finite
 from diffrl.loss import awm_loss, kl_convention_scale, nft_loss, policy_loss
 from diffrl.sde import append_dims, gaussian_log_prob, sde_step
 from diffrl.seeding import mix_seed
@@ -155,7 +155,7 @@ def _most_calls(run: Run, n: int) -> int:
 
 def _apply_update(run: Run) -> None:
     """One optimizer step on the accumulated gradients: averaged over processes, then clipped. A non-finite gradient
-    norm stops the run before the step; non-finite weights after it stop the run too (``diffrl.guard``; every
+    norm stops the run before the step; non-finite weights after it stop the run too (``diffrl.finite``; every
     process sees the same norm, and sharded weights are judged over all processes)."""
     params = run.adapter.trainable_parameters()
     if not run.adapter.sharded:  # FSDP averaged the gradients in each backward already

@@ -96,20 +96,37 @@ def running_mean(ys: Sequence[float], window: int) -> list[float]:
     return [sum(ys[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(ys))]
 
 
-def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, window: int = 5) -> Figure:
-    """The run's ``curves.png`` (800 x 600 px), two panels over the RL step. Top: the training reward per step
-    (``history``: metrics with ``step``, ``reward_mean``) and its trailing mean over ``window`` steps (one step's
-    reward mostly shows which prompts it drew). Bottom: held-out accuracy at each evaluation (``evals``: ``step``,
-    ``accuracy`` and any ``accuracy_<kind>``), its value written at each point; on a 0-1 scale when it is a
-    fraction."""
+def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, window: int = 5,
+                    events: Sequence[dict] = ()) -> Figure:
+    """The run's ``curves.png`` over the RL step. Top: the training reward per step (``history``: metrics with
+    ``step``, ``reward_mean``) and its trailing mean over ``window`` steps (one step's reward mostly shows which
+    prompts it drew). Middle, when the run has guard rewards (``guard_<name>`` in ``history``): each guard's
+    per-step value and trailing mean, never trained on, with the held-out samples' guard values at each evaluation.
+    Bottom: held-out accuracy at each evaluation (``evals``: ``step``, ``accuracy`` and any ``accuracy_<kind>``),
+    its value written at each point; on a 0-1 scale when it is a fraction. ``events``: the guards' alarms
+    (``guard_events.jsonl``), a vertical line each, labelled with the action."""
     from matplotlib.ticker import MaxNLocator
 
     steps, rewards = [m["step"] for m in history], [m["reward_mean"] for m in history]
-    fig = _figure(8, 6)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    guards = sorted({k for m in history for k in m if k.startswith("guard_") and not k.endswith("_se")})
+    fig = _figure(8, 8.5 if guards else 6)
+    axes = fig.subplots(3 if guards else 2, 1, sharex=True, height_ratios=(3, 2, 2) if guards else (3, 2))
+    top, bottom = axes[0], axes[-1]
     top.plot(steps, rewards, marker="o", markersize=3, linewidth=1, alpha=0.6, label="each step (mean over its batch)")
     top.plot(steps, running_mean(rewards, window), linewidth=2.5, label=f"trailing mean of {window} steps")
     top.set(title="training reward per RL step", ylabel="training reward")
+    if guards:
+        middle = axes[1]
+        for i, key in enumerate(guards):
+            values = [m.get(key, float("nan")) for m in history]
+            middle.plot(steps, values, linewidth=1, alpha=0.5, color=f"C{i + 4}")
+            middle.plot(steps, running_mean(values, window), linewidth=2.5, color=f"C{i + 4}",
+                        label=f"{key.removeprefix('guard_')}: trailing mean of {window} steps")
+            at = [e for e in evals if key in e]
+            if at:
+                middle.plot([e["step"] for e in at], [e[key] for e in at], marker="D", linestyle="none",
+                            color=f"C{i + 4}", label=f"{key.removeprefix('guard_')} on the held-out samples")
+        middle.set(title="guard rewards (scored, never trained on)", ylabel="guard value")
     eval_steps = [e["step"] for e in evals]
     kinds = sorted({k for e in evals for k in e if k.startswith("accuracy_")})
     for i, kind in enumerate(kinds):  # colours C0 and C1 are the reward's, above
@@ -123,9 +140,14 @@ def training_curves(history: Sequence[dict], evals: Sequence[dict], path: Path, 
         bottom.set_ylim(0.0, 1.0)
     bottom.set(title="held-out accuracy at each evaluation", xlabel="RL step", ylabel="held-out accuracy")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (top, bottom):
+    for ax in axes:
+        for e in events:
+            ax.axvline(e["step"], color="red", linestyle=":", linewidth=1.5)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
+    for e in events:
+        top.annotate(f"{e['guard']}: {e['action']}", (e["step"], 1), xycoords=("data", "axes fraction"),
+                     xytext=(3, -12), textcoords="offset points", color="red", fontsize=8)
     return _save(fig, path)
 
 

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "ocr": "rewards.ocr:build",
     "remote": "rewards.remote:build",
     "vlm_judge": "rewards.vlm_judge:build",
+    "pairwise": "rewards.pairwise:build",
 }
 
 
@@ -67,7 +68,7 @@ META: dict[str, tuple[tuple[str, ...], bool]] = {
     "jpeg_compressibility": (("image",), False), "jpeg_incompressibility": (("image",), False),
     "av_sync": (("video", "audio"), False), "clip_score": (("image",), True), "aesthetic": (("image",), True),
     "pickscore": (("image",), True), "hpsv2": (("image",), True), "ocr": (("image", "video"), False),
-    "remote": (("image", "video"), False), "vlm_judge": (("image",), False),
+    "remote": (("image", "video"), False), "vlm_judge": (("image",), False), "pairwise": (("image", "video"), False),
 }
 ENTRY_POINT_GROUP = "diffrl.rewards"
 
@@ -83,6 +84,15 @@ def describe(reward: Callable, modalities: tuple[str, ...] = ("image",), differe
         reward = wrapped
     reward.modalities = tuple(modalities)
     reward.differentiable = bool(differentiable)
+    return reward
+
+
+def groupwise(reward: Callable) -> Callable:
+    """Declare that a reward scores the samples of one prompt together (attribute ``groupwise``): the trainer calls
+    it once per group, ``reward(media_of_the_group, prompt) -> {name: float tensor (group size,)}``; the group is the
+    leaves of the prompt's trees, or its flat chains. Pairwise preference models (Pref-GRPO, arXiv 2508.20751) are
+    written this way; ``rewards.pairwise`` turns any pointwise reward into win rates."""
+    reward.groupwise = True
     return reward
 
 

@@ -52,9 +52,9 @@ def test_every_config_field_is_a_row_of_the_page():
     assert by_section(rows) == by_section(fields)  # in field order within each section
     headings = [line[3:] for line in page.splitlines() if line.startswith("## ")]
     assert [h for h in headings if h in sections] == sections == ["model", "sampler", "train", "train.pruning",
-                                                                  "explore", "data", "log"]
-    assert headings[1:] == ["model", "sampler", "train", "train.pruning", "rewards", "reward_options", "explore",
-                            "data", "log"]  # after "How a config is built"
+                                                                  "train.guard", "explore", "data", "log"]
+    assert headings[1:] == ["model", "sampler", "train", "train.pruning", "train.guard", "rewards", "reward_options",
+                            "explore", "data", "log"]  # after "How a config is built"
 
 
 SYNTHETIC = '''

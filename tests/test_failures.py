@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from diffrl import checkpoint, cli, rundir
 from diffrl.config import RANGES, Config, ConfigError, load_config
-from diffrl.guard import NonFiniteError, check_finite
+from diffrl.finite import NonFiniteError, check_finite
 from diffrl.scoring import submit
 from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV
 

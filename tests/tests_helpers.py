@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from diffrl.adapters.sd3 import SD3Adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +92,26 @@ def random_lora(folder: Path):
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
     ad.save_lora(str(folder))
     return ad
+
+
+GUARD = {"value": 1.0}
+"""What ``scripted_guard`` scores every sample; a test sets it to script a drop."""
+
+
+def scripted_guard(media, prompts):
+    """A guard reward whose value the test scripts (``GUARD["value"]``), to make the alarm fire at a known step."""
+    return {"scripted": torch.full((len(prompts),), GUARD["value"])}
+
+
+GROUPS: list = []
+"""What ``recording_group_reward`` saw: (group size, prompt, the scores it returned) per call."""
+
+
+def recording_group_reward(media, prompt):
+    """A groupwise test reward: the brightness of each sample of one prompt's group, recorded in ``GROUPS``."""
+    scores = media.float().flatten(1).mean(1)
+    GROUPS.append((len(media), str(prompt), scores.clone()))
+    return {"group_brightness": scores}
+
+
+recording_group_reward.groupwise = True

@@ -131,6 +131,9 @@ class DiffusersAdapter:
     """The rank ``add_lora`` attached (0: full fine-tuning or no LoRA)."""
     full_finetune: bool = False
     """True after ``add_lora(0, ...)``: every denoiser parameter trains and the reference is a frozen copy."""
+    native_resolution: Optional[int] = None
+    """The pixel size the family was trained at (the pipeline's default size); training below it draws a warning
+    (rewards read images the model rarely makes, which invites reward hacking)."""
     sharded: bool = False
     """True after ``shard()``: the denoisers (and the reference copy) are FSDP2-sharded over the processes."""
     streams: Optional[dict[str, slice]] = None

@@ -25,7 +25,8 @@ class FluxAdapter(DiffusersAdapter):
                  resolution: Optional[int] = None):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length = min(max_sequence_length, pipe.tokenizer_2.model_max_length)
-        self.resolution = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+        self.native_resolution = pipe.default_sample_size * pipe.vae_scale_factor
+        self.resolution = resolution or self.native_resolution
         side = 2 * (self.resolution // (pipe.vae_scale_factor * 2))
         if side < 2:
             raise ValueError(f"resolution {self.resolution} is too small for a VAE that downsamples "

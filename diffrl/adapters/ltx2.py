@@ -31,7 +31,8 @@ class LTX2Adapter(DiffusersAdapter):
                  audio_guidance_scale: Optional[float] = None):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length, self.frame_rate = max_sequence_length, frame_rate
-        self.resolution, self.num_frames = resolution or 512, num_frames or 121
+        self.native_resolution = 512
+        self.resolution, self.num_frames = resolution or self.native_resolution, num_frames or 121
         t, s = pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio
         if (self.num_frames - 1) % t:
             raise ValueError(f"LTX-2 needs num_frames = {t}k + 1 (the VAE compresses time x{t}), got {self.num_frames}")

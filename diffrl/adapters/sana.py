@@ -29,6 +29,7 @@ class SanaAdapter(DiffusersAdapter):
         self.complex_human_instruction = default if complex_human_instruction is None else complex_human_instruction
         side = self.transformer.config.sample_size
         self._side = resolution // pipe.vae_scale_factor if resolution else side
+        self.native_resolution = side * pipe.vae_scale_factor
         self._uncond: Optional[dict[str, Tensor]] = None
 
     @classmethod

@@ -34,6 +34,7 @@ class SD3Adapter(DiffusersAdapter):
         if resolution:
             check_resolution(resolution, pipe.vae_scale_factor, self.transformer.config)
         self._side = resolution // pipe.vae_scale_factor if resolution else self.transformer.config.sample_size
+        self.native_resolution = self.transformer.config.sample_size * pipe.vae_scale_factor
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "float32", attention: str = "sdpa",

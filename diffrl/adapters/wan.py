@@ -28,7 +28,8 @@ class WanAdapter(DiffusersAdapter):
                  guidance_scale_2: Optional[float] = None):
         super().__init__(pipe, device, dtype)
         self.max_sequence_length = max_sequence_length
-        self.resolution = resolution or 480
+        self.native_resolution = 480  # Wan 2.1 / 2.2's 480p (the 14B models also train at 720p)
+        self.resolution = resolution or self.native_resolution
         self.num_frames = num_frames or 81
         t = pipe.vae_scale_factor_temporal
         if (self.num_frames - 1) % t:

@@ -1,0 +1,118 @@
+"""The reward-hacking alarm: guard rewards are scored beside training and never trained on; when a guard's smoothed
+value falls too far below its running best, the alarm fires and the trainer warns, stops or rolls back.
+
+The rule, per guard g with a threshold: m_t is the guard's mean over step t's samples and s_t its standard error;
+the smoothed value is the mean of the last ``window`` steps, M_t = mean(m_{t-w+1..t}) with standard error
+S_t = sqrt(sum s_i^2) / w; the running best is B = max M (from the first full window on). The alarm fires at the
+``patience``-th consecutive step with B - M_t > threshold (``units: absolute``, in the guard's own units) or
+B - M_t > threshold * sqrt(S_B^2 + S_t^2) (``units: stderr``, in standard errors of the difference). A guard's
+best step is the last step of its best window (the latest, on a tie): the drop begins after it. A guard fires once
+per running best. Plain Python, no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Sequence
+
+UNITS = ("absolute", "stderr")
+
+
+def smoothed(means: Sequence[float], ses: Sequence[float], window: int) -> tuple[float, float]:
+    """(mean of the last ``window`` means, its standard error sqrt(sum se^2) / window); needs ``window`` values."""
+    m, s = means[-window:], ses[-window:]
+    return sum(m) / window, math.sqrt(sum(x * x for x in s)) / window
+
+
+def drop_exceeds(best: float, best_se: float, current: float, current_se: float, threshold: float,
+                 units: str) -> bool:
+    """Whether ``best - current`` is past ``threshold`` (absolute units, or standard errors of the difference)."""
+    drop = best - current
+    if units == "absolute":
+        return drop > threshold
+    return drop > threshold * math.hypot(best_se, current_se)
+
+
+@dataclass
+class GuardTrack:
+    """One guard's history and running best (what a checkpoint saves)."""
+
+    means: list[float] = field(default_factory=list)
+    ses: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    best: Optional[float] = None
+    best_se: float = 0.0
+    best_step: Optional[int] = None
+    beyond: int = 0
+    fired_at_best: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Evidence of a drop: the guard, the step it fired at, its running best (value and step), its smoothed value now,
+    the threshold and units, and the guard's last per-step means."""
+
+    guard: str
+    step: int
+    best: float
+    best_step: int
+    current: float
+    threshold: float
+    units: str
+    recent: dict
+
+    def sentence(self) -> str:
+        unit = "" if self.units == "absolute" else " standard errors"
+        return (f"guard {self.guard!r} fell from its best {self.best:.4f} (step {self.best_step}) to {self.current:.4f}"
+                f" at step {self.step}, a drop past its threshold of {self.threshold:g}{unit}")
+
+
+class HackingAlarm:
+    """The alarm over several guards: ``observe`` each step's guard means and standard errors; it returns an
+    ``Alarm`` for the first guard whose rule fires (guards without a threshold are tracked, never fire)."""
+
+    def __init__(self, thresholds: Mapping[str, float], units: str = "absolute", window: int = 5,
+                 patience: int = 1):
+        if units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+        if window < 1 or patience < 1:
+            raise ValueError("window and patience must be at least 1")
+        self.thresholds, self.units, self.window, self.patience = dict(thresholds), units, window, patience
+        self.tracks: dict[str, GuardTrack] = {}
+
+    def observe(self, step: int, values: Mapping[str, tuple[float, float]]) -> Optional[Alarm]:
+        """Record step ``step``'s ``{guard: (mean, standard error)}``; the first alarm that fires, or None."""
+        fired = None
+        for name, (mean, se) in values.items():
+            t = self.tracks.setdefault(name, GuardTrack())
+            t.means.append(float(mean))
+            t.ses.append(float(se))
+            t.steps.append(step)
+            if len(t.means) < self.window:
+                continue
+            current, current_se = smoothed(t.means, t.ses, self.window)
+            if t.best is None or current >= t.best:  # a tie moves the best later: the drop begins after it
+                t.best, t.best_se, t.best_step, t.beyond = current, current_se, step, 0
+                continue
+            threshold = self.thresholds.get(name)
+            if threshold is None:
+                continue
+            t.beyond = t.beyond + 1 if drop_exceeds(t.best, t.best_se, current, current_se, threshold,
+                                                    self.units) else 0
+            if t.beyond >= self.patience and t.fired_at_best != t.best_step and fired is None:
+                t.fired_at_best = t.best_step  # once per running best: a lasting drop is one alarm, not one a step
+                fired = Alarm(name, step, t.best, t.best_step, current, threshold, self.units,
+                              dict(zip(t.steps[-2 * self.window:], t.means[-2 * self.window:])))
+        return fired
+
+    def best_step(self) -> Optional[int]:
+        """The earliest best step of the guards with a threshold (None before any has a full window): the newest
+        checkpoint at or before it is the one a rollback or a stop returns to, so it must be kept."""
+        steps = [t.best_step for n, t in self.tracks.items() if n in self.thresholds and t.best_step is not None]
+        return min(steps) if steps else None
+
+    def state_dict(self) -> dict:
+        return {name: asdict(t) for name, t in self.tracks.items()}
+
+    def load_state_dict(self, state: Mapping[str, dict]) -> None:
+        self.tracks = {name: GuardTrack(**t) for name, t in state.items()}
