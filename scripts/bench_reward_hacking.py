@@ -4,6 +4,7 @@ strict shapes verifier as its guard, side by side per seed: no guard (the guard 
 
     python scripts/bench_reward_hacking.py [--variants none rollback kl] [--seeds 0 1 2] [--jobs 2] [--root DIR]
                                            [key=value ...]
+    python scripts/bench_reward_hacking.py --false-alarms   # the alarm's false-alarm rate on pure noise (no training)
 
 Every run is ``diffrl train configs/tiny_shapes.yaml`` with the shared overrides below (the proxy reward, the guard,
 evaluations every 5 steps), then the variant's own (``NAME`` from ``VARIANTS``, or ``NAME:key=value,...``), then
@@ -26,15 +27,16 @@ from pathlib import Path
 PROXY = "jpeg_compressibility"
 SHARED = [f"rewards={{{PROXY}: 1.0}}", 'train.guard_rewards={"shapes": 1.0}', "log.eval_every=5",
           "data.eval_seeds=1", "train.steps=20", "train.prompts_per_step=8", "log.sample_every=5",
-          "log.tensorboard=false"]
-"""The proxy: JPEG compressibility (DDPO's), which an empty canvas maximises; the guard: the strict verifier."""
-ACT = ["train.guard.thresholds={shapes: 0.08}", "train.guard.window=3"]
+          "log.tensorboard=false", "train.lr=5e-3", "train.lr_schedule=constant", "train.kl_weight=0.0"]
+"""The proxy: JPEG compressibility (DDPO's), which an empty canvas maximises; the guard: the strict verifier. The
+main job's recipe with a constant, higher learning rate and no KL: the setting that lets a run hack."""
+ACT = ["train.guard.thresholds={shapes: 0.08}", "train.guard.window=3", "log.checkpoint_every=1"]
 VARIANTS = {
     "none": [],
     "warn": [*ACT, "train.guard.action=warn"],
     "stop": [*ACT, "train.guard.action=stop"],
-    "rollback": [*ACT, "train.guard.action=rollback", "train.guard.lr_factor=0.25", "train.guard.kl_factor=4"],
-    "kl": ["train.kl_weight=2.0"],
+    "rollback": [*ACT, "train.guard.action=rollback", "train.guard.lr_factor=0.25"],
+    "kl": ["train.kl_weight=1.0"],
     "min": [f"rewards={{{PROXY}: 1.0, shapes_dense: 1.0}}", "train.reward_aggregation=min"],
 }
 
@@ -95,14 +97,46 @@ def plot(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def false_alarms(runs: int = 200, steps: int = 300) -> list[dict]:
+    """The share of ``runs`` noise-only runs of ``steps`` steps in which the alarm fires (``units: stderr``): per-step
+    means drawn around one level with exactly their stated standard error, for thresholds 4-6 and a few windows and
+    patiences. The running best is the maximum of many noisy window means, so it sits above the level and the
+    false-alarm rate grows with the run's length."""
+    import torch
+
+    from diffrl.hacking import HackingAlarm
+
+    rows = []
+    for threshold in (4.0, 5.0, 6.0):
+        for window, patience in ((5, 1), (5, 2), (5, 3), (10, 2)):
+            fired = 0
+            for seed in range(runs):
+                g = torch.Generator().manual_seed(seed)
+                alarm = HackingAlarm({"g": threshold}, "stderr", window=window, patience=patience)
+                draws = (0.5 + 0.02 * torch.randn(steps, generator=g)).tolist()
+                fired += any(alarm.observe(i, {"g": (v, 0.02)}) is not None for i, v in enumerate(draws))
+            rows.append({"threshold": threshold, "window": window, "patience": patience, "rate": fired / runs})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--false-alarms", action="store_true", help="the alarm's false-alarm rate on noise; no training")
+    ap.add_argument("--noise-runs", type=int, default=200, help="--false-alarms: noise-only runs per setting")
     ap.add_argument("--variants", nargs="+", default=["none", "rollback", "kl"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--root", default="runs/bench_reward_hacking")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.false_alarms:
+        rows = false_alarms(args.noise_runs)
+        print("| threshold (standard errors) | window | patience | runs of 300 steps that fire |\n"
+              "|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['threshold']:g} | {r['window']} | {r['patience']} | {100 * r['rate']:.1f}% |")
+        print(json.dumps({"false_alarms": rows, "runs": args.noise_runs, "steps": 300}))
+        return
     for v in args.variants:
         overrides_of(v)
     root = Path(args.root)

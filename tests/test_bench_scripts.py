@@ -70,3 +70,23 @@ def test_objectives_benchmark_runs_each_objective_per_seed(tmp_path):
     assert set(result["means"]) == {"nft", variant} and all(r["train_wall_s"] > 0 for r in result["runs"])
     config = (tmp_path / "awm_train.lr-0.01_train.kl_weight-0-seed0" / "config.yaml").read_text()
     assert "lr: 0.01" in config and "kl_weight: 0" in config and "objective: awm" in config
+
+
+def test_reward_hacking_benchmark_runs_each_variant_and_measures_false_alarms(tmp_path):
+    """bench_reward_hacking.py at a tiny size: a row per (seed, variant) with the proxy and the strict verifier's
+    base, best and final accuracy, the curves plot, and the false-alarm table on noise."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_reward_hacking.py"), "--variants", "none",
+                           "stop", "--seeds", "0", "--root", str(tmp_path), "train.steps=2", "train.prompts_per_step=2",
+                           "data.eval_size=2", "sampler.eval_steps=2", "log.eval_every=1", "log.sample_every=0"],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = _strict_json(done.stdout.strip().splitlines()[-1])
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("none", 0), ("stop", 0)]
+    for r in result["runs"]:
+        assert 0.0 <= r["best"] <= 1.0 and r["best"] >= r["base"] and [e["step"] for e in r["evals"]][:2] == [0, 1]
+    assert set(result["means"]) == {"none", "stop"} and (tmp_path / "curves.png").is_file()
+    noise = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_reward_hacking.py"), "--false-alarms",
+                            "--noise-runs", "3"], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600,
+                           cwd=ROOT)
+    rows = json.loads(noise.stdout.strip().splitlines()[-1])["false_alarms"]
+    assert len(rows) == 12 and all(0.0 <= r["rate"] <= 1.0 for r in rows)
