@@ -13,15 +13,17 @@ from diffrl.config import GuardConfig
 from diffrl.hacking import HackingAlarm
 from diffrl.scoring import score_samples
 
+SEED_STRIDE = 1_000_003
+
 
 class Guards:
     """The loaded guard rewards with their weights, the alarm, and the rollback multipliers."""
 
     def __init__(self, rewards: Mapping[str, Callable], weights: Mapping[str, float], cfg: GuardConfig,
-                 lr: float, kl_weight: float):
+                 lr: float, kl_weight: float, seed: int):
         self.rewards, self.weights, self.cfg = dict(rewards), dict(weights), cfg
         self.alarm = HackingAlarm(cfg.thresholds, cfg.units, cfg.window, cfg.patience)
-        self.base_lr, self.base_kl = lr, kl_weight
+        self.base_lr, self.base_kl, self.base_seed = lr, kl_weight, seed
         self.rollbacks, self.lr_scale, self.kl_scale = 0, 1.0, 1.0
 
     def values(self, scores: Mapping[str, Tensor], valid: Tensor) -> dict[str, tuple[float, float]]:
@@ -62,6 +64,12 @@ class Guards:
     def kl_weight(self) -> float:
         return self.base_kl * self.kl_scale
 
+    @property
+    def seed(self) -> int:
+        """The run's seed after the rollbacks: each rollback draws new prompts and noises for the steps it repeats
+        (a replay of the same samples would replay the same evidence)."""
+        return self.base_seed + SEED_STRIDE * self.rollbacks
+
     def state_dict(self) -> dict:
         return {"alarm": self.alarm.state_dict(), "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
                 "kl_scale": self.kl_scale}
@@ -72,5 +80,5 @@ class Guards:
 
 
 def apply(guards: Guards, train_cfg) -> None:
-    """Set ``train.lr`` and ``train.kl_weight`` to the guards' current (rolled-back) values."""
-    train_cfg.lr, train_cfg.kl_weight = guards.lr, guards.kl_weight
+    """Set ``train.lr``, ``train.kl_weight`` and ``train.seed`` to the guards' current (rolled-back) values."""
+    train_cfg.lr, train_cfg.kl_weight, train_cfg.seed = guards.lr, guards.kl_weight, guards.seed

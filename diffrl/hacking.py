@@ -6,8 +6,10 @@ the smoothed value is the mean of the last ``window`` steps, M_t = mean(m_{t-w+1
 S_t = sqrt(sum s_i^2) / w; the running best is B = max M (from the first full window on). The alarm fires at the
 ``patience``-th consecutive step with B - M_t > threshold (``units: absolute``, in the guard's own units) or
 B - M_t > threshold * sqrt(S_B^2 + S_t^2) (``units: stderr``, in standard errors of the difference). A guard's
-best step is the last step of its best window (the latest, on a tie): the drop begins after it. A guard fires once
-per running best. Plain Python, no torch.
+best step b is the last step of its best window (the latest, on a tie). Step t's values score the policy that
+step t started from (checkpoint t - 1), so the best window scored the policies of checkpoints b - w .. b - 1; its
+return step, where a rollback or a stop goes back to, is the middle one, b - ceil(w / 2). A guard fires once per
+running best. Plain Python, no torch.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class Alarm:
     step: int
     best: float
     best_step: int
+    return_step: int
     current: float
     threshold: float
     units: str
@@ -101,14 +104,19 @@ class HackingAlarm:
                                                     self.units) else 0
             if t.beyond >= self.patience and t.fired_at_best != t.best_step and fired is None:
                 t.fired_at_best = t.best_step  # once per running best: a lasting drop is one alarm, not one a step
-                fired = Alarm(name, step, t.best, t.best_step, current, threshold, self.units,
+                fired = Alarm(name, step, t.best, t.best_step, self._return_step(t.best_step), current, threshold,
+                              self.units,
                               dict(zip(t.steps[-2 * self.window:], t.means[-2 * self.window:])))
         return fired
 
-    def best_step(self) -> Optional[int]:
-        """The earliest best step of the guards with a threshold (None before any has a full window): the newest
-        checkpoint at or before it is the one a rollback or a stop returns to, so it must be kept."""
-        steps = [t.best_step for n, t in self.tracks.items() if n in self.thresholds and t.best_step is not None]
+    def _return_step(self, best_step: int) -> int:
+        return max(0, best_step - (self.window + 1) // 2)
+
+    def return_step(self) -> Optional[int]:
+        """The earliest return step of the guards with a threshold (None before any has a full window): the newest
+        checkpoint at or before it is the one a rollback or a stop goes back to, so it must be kept."""
+        steps = [self._return_step(t.best_step) for n, t in self.tracks.items()
+                 if n in self.thresholds and t.best_step is not None]
         return min(steps) if steps else None
 
     def state_dict(self) -> dict:

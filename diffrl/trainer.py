@@ -64,7 +64,7 @@ def build(cfg: Config, out: Path) -> Run:
     rewards = load_rewards(cfg.rewards, cfg.reward_options)
     t = cfg.train
     guards = Guards(load_rewards(t.guard_rewards, t.guard_reward_options, "guard reward"), t.guard_rewards, t.guard,
-                    t.lr, t.kl_weight) if t.guard_rewards else None
+                    t.lr, t.kl_weight, t.seed) if t.guard_rewards else None
     sharded = cfg.model.fsdp and world > 1
     try:
         adapter_cls = load_adapter_class(cfg.model.family)
@@ -461,13 +461,13 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
 def save_checkpoint(run: Run, state: TrainState) -> None:
     """The trained weights, EMA, optimizer, history and guard state, written atomically by the first process;
     sharded (FSDP), every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``).
-    With a guard that stops or rolls back, the newest checkpoint at or before the guards' best step is kept too."""
+    With a guard that stops or rolls back, the newest checkpoint at or before the guards' return step is kept too."""
     meta = {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy}
     keep = None
     if run.guards is not None:
         meta["guards"] = run.guards.state_dict()
         if run.cfg.train.guard.action != "warn":  # where a stop or a rollback would return to
-            keep = run.guards.alarm.best_step()
+            keep = run.guards.alarm.return_step()
     if run.adapter.sharded:
         checkpoint.save_sharded(run.out, state.step, _sharded_state(run, state.ema), meta, run.rank, keep)
         return
@@ -517,7 +517,7 @@ def restore(run: Run, path: Optional[Path] = None, rewrite_metrics: bool = True)
                        base_accuracy=saved["base_accuracy"], ema=ema)
     if run.guards is not None and "guards" in saved:
         run.guards.load_state_dict(saved["guards"])
-        apply_guards(run.guards, run.cfg.train)
+        _apply_guards(run)
     if run.rank == 0 and rewrite_metrics:
         checkpoint.atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.history))
     log.info("resumed from %s (step %d)", path, state.step)
@@ -588,23 +588,34 @@ def loop(run: Run, state: TrainState, on_step: Optional[Callable[[TrainState], N
     return None
 
 
+def _apply_guards(run: Run) -> None:
+    """The guards' rolled-back learning rate, KL weight and seed into the config; a new seed draws a new prompt
+    stream."""
+    seed = run.cfg.train.seed
+    apply_guards(run.guards, run.cfg.train)
+    if run.cfg.train.seed != seed:
+        run.prompts = PromptStream(run.cfg.data.prompts, run.cfg.train.seed,
+                                   exclude=run.eval_prompts if run.cfg.data.exclude_eval else ())
+
+
 def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
     """Act on a guard's alarm by ``train.guard.action`` (every process alike: the guards' values are gathered), with
     the evidence (both curves' recent values) in ``guard_events.jsonl`` and the log. warn: nothing else. stop: the
-    newest checkpoint at or before the guard's best step is loaded for export; returns what the summary says.
-    rollback: that checkpoint is restored into ``state``, the learning rate and KL weight are multiplied by
-    ``lr_factor`` and ``kl_factor``, and training goes on from there (after ``max_rollbacks``, a stop)."""
+    newest checkpoint at or before the alarm's return step (``diffrl.hacking``) is loaded for export; returns what
+    the summary says. rollback: that checkpoint is restored into ``state``, the learning rate and KL weight are
+    multiplied by ``lr_factor`` and ``kl_factor``, the seed moves on (new prompts and noises for the repeated
+    steps), and training goes on from there (after ``max_rollbacks``, a stop)."""
     g, guards = run.cfg.train.guard, run.guards
     action = "stop" if g.action == "rollback" and guards.rollbacks >= g.max_rollbacks else g.action
     recent = {m["step"]: m["reward_mean"] for m in state.history[-2 * g.window:]}
     event = {"step": state.step, "action": action, "guard": alarm.guard, "best": alarm.best,
-             "best_step": alarm.best_step, "current": alarm.current, "threshold": alarm.threshold,
-             "units": alarm.units, "guard_values": alarm.recent, "reward_mean": recent}
+             "best_step": alarm.best_step, "return_step": alarm.return_step, "current": alarm.current,
+             "threshold": alarm.threshold, "units": alarm.units, "guard_values": alarm.recent, "reward_mean": recent}
     stopped = None
     if action == "warn":
         log.warning("%s: training goes on ('train.guard.action' warn)", alarm.sentence())
     else:
-        target = checkpoint.at_or_before(run.out, alarm.best_step)
+        target = checkpoint.at_or_before(run.out, alarm.return_step)
         event["restored"] = target.name
         if action == "stop":
             restored = restore(run, target, rewrite_metrics=False)
@@ -619,7 +630,7 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
                 checkpoint.remove_after(run.out, target)
             guards.rollbacks, guards.lr_scale, guards.kl_scale = counters
             event["lr"], event["kl_weight"] = guards.rolled_back()
-            apply_guards(guards, run.cfg.train)
+            _apply_guards(run)
             run.collector.after_restore(run)
             state.step, state.history, state.evals, state.ema = (restored.step, restored.history, restored.evals,
                                                                  restored.ema)

@@ -15,6 +15,7 @@ import tests_helpers
 from diffrl import checkpoint, cli, trainer
 from diffrl.advantages import AGGREGATIONS
 from diffrl.config import ConfigError, load_config
+from diffrl.guards import SEED_STRIDE
 from diffrl.hacking import HackingAlarm
 from rewards.pairwise import win_rates
 from tests_helpers import BRIGHT, MODEL, ROOT, TINY
@@ -37,15 +38,17 @@ def metrics(out):
 # ------------------------------------------------------------------------------------------------------ the rule
 def test_the_alarm_fires_on_a_hand_worked_drop():
     """0.6 for 20 steps, then 0.3; window 5, threshold 0.1: the window means are 0.6 up to step 20, 0.54 at step 21
-    (a drop of 0.06) and 0.48 at step 22 (0.12 > 0.1), so it fires at step 22, best 0.6 last reached at step 20."""
+    (a drop of 0.06) and 0.48 at step 22 (0.12 > 0.1), so it fires at step 22, best 0.6 last reached at step 20;
+    that window scored the policies of checkpoints 15-19, so the return step is the middle one, 17."""
     alarm = HackingAlarm({"g": 0.1}, "absolute", window=5)
     fired = [alarm.observe(step, {"g": (0.6 if step <= 20 else 0.3, 0.0)}) for step in range(1, 31)]
     firing = [(step, a) for step, a in zip(range(1, 31), fired) if a is not None]
     assert len(firing) == 1  # once per running best, not once a step
     step, a = firing[0]
     assert step == 22 and a.best == pytest.approx(0.6) and a.best_step == 20 and a.current == pytest.approx(0.48)
+    assert a.return_step == 17
     assert a.recent[22] == 0.3 and a.recent[20] == 0.6
-    assert alarm.best_step() == 20
+    assert alarm.return_step() == 17
 
 
 def test_patience_waits_for_consecutive_steps_past_the_threshold():
@@ -155,9 +158,10 @@ def _guarded(action: str, *extra: str):
 
 
 def test_rollback_restores_the_checkpoint_s_weights_exactly_and_goes_on_with_the_new_setting(tmp_path):
-    """The guard scores 1 until step 2, then 0 at step 3: the alarm fires at step 3 (best 1 at step 2), the run
-    returns to checkpoint-000002 (weights, optimizer, history), halves the learning rate, doubles the KL weight and
-    trains steps 3 and 4 again; a resume from the last checkpoint keeps the new setting."""
+    """The guard scores 1 until step 2, then 0 at step 3: the alarm fires at step 3 (best 1 at step 2, which scored
+    the policy of checkpoint 1), the run returns to checkpoint-000001 (weights, optimizer, history), halves the
+    learning rate, doubles the KL weight, moves the seed on and trains steps 2 to 4 again; a resume from the last
+    checkpoint keeps the new setting."""
     cfg = _guarded("rollback", "train.guard.kl_factor=2")
     lr = cfg.train.lr
     run = trainer.build(cfg, tmp_path)
@@ -170,30 +174,32 @@ def test_rollback_restores_the_checkpoint_s_weights_exactly_and_goes_on_with_the
             tests_helpers.GUARD["value"] = 0.0  # step 3's rollouts score 0
         elif run.guards.rollbacks == 1 and tests_helpers.GUARD["value"] == 0.0:
             restored["now"] = {k: v.clone() for k, v in run.adapter.trained_state_dict().items()}
-            restored["saved"] = load_file(str(tmp_path / "checkpoint-000002" / "lora.safetensors"))
+            restored["saved"] = load_file(str(tmp_path / "checkpoint-000001" / "lora.safetensors"))
             tests_helpers.GUARD["value"] = 1.0
 
     assert trainer.loop(run, state, on_step) is None
-    assert seen == [(1, 0), (2, 0), (2, 1), (3, 1), (4, 1)]
+    assert seen == [(1, 0), (2, 0), (1, 1), (2, 1), (3, 1), (4, 1)]
     now, saved = restored["now"], restored["saved"]
     assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
-    assert [m["lr"] for m in metrics(tmp_path)] == pytest.approx([lr, lr, lr / 2, lr / 2])
+    assert [m["lr"] for m in metrics(tmp_path)] == pytest.approx([lr, lr / 2, lr / 2, lr / 2])
     assert run.cfg.train.kl_weight == pytest.approx(0.02)
     (event,) = [json.loads(x) for x in (tmp_path / "guard_events.jsonl").read_text().splitlines()]
-    assert event["action"] == "rollback" and event["restored"] == "checkpoint-000002" and event["step"] == 3
+    assert event["action"] == "rollback" and event["restored"] == "checkpoint-000001" and event["step"] == 3
+    assert event["best_step"] == 2 and event["return_step"] == 1
     assert event["best"] == 1.0 and event["current"] == 0.0 and event["lr"] == pytest.approx(lr / 2)
-    assert [m["step"] for m in event["abandoned"]] == [3] and set(event["reward_mean"]) == {"2", "3"}
+    assert [m["step"] for m in event["abandoned"]] == [2, 3] and set(event["reward_mean"]) == {"2", "3"}
 
     again = trainer.build(_guarded("rollback", "train.guard.kl_factor=2"), tmp_path / "again")  # as --resume does
     trainer.restore(again, checkpoint.latest(tmp_path), rewrite_metrics=False)
     assert again.guards.rollbacks == 1 and again.cfg.train.lr == pytest.approx(lr / 2)
     assert again.cfg.train.kl_weight == pytest.approx(0.02)
+    assert again.cfg.train.seed == _guarded("rollback").train.seed + SEED_STRIDE  # new samples after a rollback
 
 
 def test_stop_exports_the_checkpoint_at_the_guard_s_best(tmp_path):
-    """The same drop with ``action: stop``: the run ends at step 3 and the weights it exports are checkpoint-000002's
-    (the newest at or before the best step), which the checkpoint pruning kept."""
+    """The same drop with ``action: stop``: the run ends at step 3 and the weights it exports are checkpoint-000001's
+    (the policy that scored the best value), which the checkpoint pruning kept."""
     cfg = _guarded("stop")
     run = trainer.build(cfg, tmp_path)
     state = trainer.begin(run, False)
@@ -203,12 +209,12 @@ def test_stop_exports_the_checkpoint_at_the_guard_s_best(tmp_path):
             tests_helpers.GUARD["value"] = 0.0
 
     stopped = trainer.loop(run, state, on_step)
-    assert stopped["exported_step"] == 2 and "fell from its best 1.0000 (step 2)" in stopped["reason"]
-    saved = load_file(str(tmp_path / "checkpoint-000002" / "lora.safetensors"))
+    assert stopped["exported_step"] == 1 and "fell from its best 1.0000 (step 2)" in stopped["reason"]
+    saved = load_file(str(tmp_path / "checkpoint-000001" / "lora.safetensors"))
     now = run.adapter.trained_state_dict()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     summary = trainer.finish(run, state, 0.0, stopped)
-    assert summary["status"] == "stopped_by_guard" and summary["steps"] == 3 and summary["exported_step"] == 2
+    assert summary["status"] == "stopped_by_guard" and summary["steps"] == 3 and summary["exported_step"] == 1
 
 
 def test_warn_logs_the_evidence_and_trains_on(tmp_path):
