@@ -82,8 +82,9 @@ def test_nft_objective_needs_a_positive_a_max_and_a_known_estimator(tmp_path):
         load_config(p, ["train.objective=dpo"])
     with pytest.raises(ConfigError, match=r"'train.advantage' must be one of \['grpo', 'rloo', 'tree'\], got 'ppo'"):
         load_config(p, ["train.advantage=ppo", "train.adv_clip=5"])
-    with pytest.raises(ConfigError, match=r"'train.reward_aggregation' must be one of \['sum', 'gdpo'\]"):
-        load_config(p, ["train.reward_aggregation=min", "train.adv_clip=5"])
+    aggregations = r"'train.reward_aggregation' must be one of \['sum', 'mean', 'min', 'gdpo'\]"
+    with pytest.raises(ConfigError, match=aggregations):
+        load_config(p, ["train.reward_aggregation=max", "train.adv_clip=5"])
 
 
 def test_reward_routing_must_route_every_reward_and_train_log_probs(tmp_path):
