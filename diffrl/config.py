@@ -51,6 +51,10 @@ class ModelConfig:
     """Keep the text encoders and the VAE on the CPU, on the device only while they encode or decode."""
     gradient_checkpointing: bool = False
     """Recompute denoiser activations in the backward pass (large models; same gradients, less memory)."""
+    compile: bool = False
+    """Regional compilation: ``torch.compile`` each denoiser block in place (rollouts and updates run the same
+    compiled forward, so the first ratio stays exactly 1). Compiling costs time at the first steps (cached across
+    runs); ``scripts/bench_throughput.py`` measures what it pays on your machine."""
     lora_rank: int = 8
     """LoRA rank; 0: full fine-tuning of the denoisers (the reference is a frozen copy: twice their memory; the run
     exports ``transformer/`` with ``save_pretrained`` instead of ``lora/``). Range: [0, 4096]."""

@@ -28,7 +28,7 @@ RUN_GLOBS = ("checkpoint-*", ".tmp-checkpoint-*", "samples_step*.png", "advantag
 RESUME_MAY_CHANGE = ("train.steps", "train.reward_timeout_s", "log.out", "log.sample_every", "log.eval_every",
                      "log.checkpoint_every", "log.tensorboard", "log.trackers", "log.wandb_project",
                      "log.wandb_entity", "log.run_name", "model.device", "model.attention", "model.offload",
-                     "model.gradient_checkpointing")
+                     "model.gradient_checkpointing", "model.compile")
 """Keys a resumed run may change silently: how long it runs, how often it logs, where and how fast it computes (the
 same math). Anything else needs ``--allow-config-change``. With a decaying ``train.lr_schedule``, a new
 ``train.steps`` stretches what is left of the schedule."""

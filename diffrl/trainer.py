@@ -102,6 +102,8 @@ def build(cfg: Config, out: Path) -> Run:
                      " and their reference" if adapter.full_finetune else " (LoRA on the frozen base)", world)
         else:
             log.warning("model.fsdp: one process, nothing to shard over (launch with accelerate launch / torchrun)")
+    if cfg.model.compile:
+        adapter.compile()
     routed = sorted({m for ms in cfg.train.reward_routing.values() for m in ms})
     unknown = [m for m in routed if m not in (adapter.streams or {})]
     if unknown:

@@ -90,3 +90,24 @@ def test_reward_hacking_benchmark_runs_each_variant_and_measures_false_alarms(tm
                            cwd=ROOT)
     rows = json.loads(noise.stdout.strip().splitlines()[-1])["false_alarms"]
     assert len(rows) == 12 and all(0.0 <= r["rate"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_compares_levers_with_eager_and_ends_with_its_json_contract():
+    out = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--levers", "eager:train.minibatch=4",
+                          "--workloads", "rollout_flat", "rollout_tree", "train_nft", "--repeats", "1",
+                          "train.prompts_per_step=2",
+                          "sampler.num_steps=4", "data.eval_size=4"],
+                         cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"rollout_speedup", "train_speedup", "tree_vs_flat_rollout"} <= result.keys()
+    rows = result["results"]
+    assert all(r["eager"]["speedup"] == 1.0 and r["eager:train.minibatch=4"]["speedup"] > 0 for r in rows.values())
+    # 2 prompts x 8 flat chains against 2 trees of 8 leaves; DiffusionNFT trains each leaf at round(0.7 x 4) levels
+    assert rows["rollout_flat"]["eager"]["items"] == rows["rollout_tree"]["eager"]["items"] == 16
+    assert rows["train_nft"]["eager"]["items"] == 16 * round(0.7 * 4)
+    assert result["tree_vs_flat_rollout"] == round(rows["rollout_tree"]["eager"]["per_s"] /
+                                                   rows["rollout_flat"]["eager"]["per_s"], 3)
+    assert result["train_speedup"] is None  # train_ppo did not run
+

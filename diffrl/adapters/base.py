@@ -122,6 +122,12 @@ def attach_lora(module: torch.nn.Module, rank: int, alpha: float, targets: Seque
             p.data = p.data.float()
 
 
+def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The entries of ``module``'s ``ModuleList`` children: a diffusion transformer's blocks (SD3's and LTX's
+    ``transformer_blocks``, FLUX's two lists, Wan's ``blocks``)."""
+    return [b for child in module.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+
+
 class DiffusersAdapter:
     """A diffusers pipeline with a trainable LoRA on its denoiser (``self.transformer``); subclasses implement the
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
@@ -313,6 +319,19 @@ class DiffusersAdapter:
         for module in self.denoisers.values():
             module.enable_gradient_checkpointing()
 
+    def compile(self) -> None:
+        """Regional compilation: ``torch.compile`` of each repeated block of every denoiser (``repeated_blocks``), in
+        place, so parameter names, LoRA and checkpoints are unchanged. Blocks of one class share a compiled graph, so
+        compile time is that of one or two blocks, not of the whole model; rollouts (no gradients) and updates
+        (gradients) run the same compiled forward. Each grad mode, adapter state (the reference pass switches the
+        LoRA off) and batch size is a graph of its own, more than dynamo's default limit of 8 per function."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for module in self.denoisers.values():
+            for block in repeated_blocks(module):
+                block.compile()
+
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The trained parameters as ``("denoiser.parameter.name", parameter)``, in ``trainable_parameters``' order."""
         return [(f"{key}.{n}", p) for key, module in self.denoisers.items()
@@ -377,6 +396,8 @@ class DiffusersAdapter:
                 base = getattr(owner, child).get_base_layer()
                 base.weight.data = w.clone()
                 setattr(owner, child, base)
+            for block in repeated_blocks(clone):
+                block._compiled_call_impl = None  # a deep copy's compiled call would run the original's weights
             copies[name] = clone.requires_grad_(False).eval()
         return copies
 

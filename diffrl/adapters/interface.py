@@ -68,6 +68,9 @@ class Adapter(Protocol):
 
     def enable_gradient_checkpointing(self) -> None: ...
 
+    def compile(self) -> None:
+        """``torch.compile`` of the denoisers' repeated blocks, in place (``model.compile``)."""
+
     def enable_offload(self) -> None: ...
 
     def shard(self, cpu_offload: bool = False) -> None: ...

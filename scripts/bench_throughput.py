@@ -1,0 +1,156 @@
+"""Rollout and training throughput on the shipped model, eager against each speed lever, side by side in one run.
+
+Workloads (each one RL step's worth of work on the main job's recipe, ``configs/tiny_shapes.yaml``, unless said):
+
+- ``rollout_flat``: ``trainer.collect`` of the main job's flat chains (16 prompts x 8 chains; SDE with log-probs,
+  prompt encoding and decoding included): images/s.
+- ``rollout_tree``: the same prompts and leaves as a tree per prompt (``sampler.split_steps=[0,1,2]``, 8 leaves):
+  leaves/s.
+- ``train_ppo``: the clipped-ratio update with its reference (KL) pass on the tree recipe
+  (``configs/tiny_shapes_tree.yaml``: CFG 4.5, 8 prompts x 8 leaves): trained transitions/s.
+- ``train_nft``, ``train_awm``: the forward-process updates of the main job (DiffusionNFT, AWM; KL 0.1):
+  training points (leaf x noise level) per second.
+
+Levers are config overrides (``LEVERS``; ``NAME:key=value,...`` adds a variant). Every lever's runs are built
+first, each workload is called once untimed (a compiled lever compiles there: reported as ``warmup_s``), then the
+repeats run interleaved (eager, lever, eager, lever, ...) and each lever's median throughput is divided by
+eager's. Ends with one JSON line: ``rollout_speedup`` and ``train_speedup`` (the best lever's ratio on
+``rollout_flat`` and ``train_ppo``), ``tree_vs_flat_rollout`` (eager leaves/s of the tree over the flat chains), and
+every number.
+
+    python scripts/bench_throughput.py [--levers eager compile] [--workloads ...] [--repeats 3] [--threads N]
+                                       [key=value ...]   # overrides for every workload, after its own
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MAIN, TREE = "configs/tiny_shapes.yaml", "configs/tiny_shapes_tree.yaml"
+WORKLOADS: dict[str, tuple[str, list[str]]] = {
+    "rollout_flat": (MAIN, []),
+    "rollout_tree": (MAIN, ["sampler.split_steps=[0,1,2]", "train.trees_per_prompt=1"]),
+    "train_ppo": (TREE, []),
+    "train_nft": (MAIN, []),
+    "train_awm": (MAIN, ["train.objective=awm"]),
+}
+"""Workload name -> (config, overrides): what one timed call does is ``rollout`` or ``train`` by its prefix."""
+LEVERS: dict[str, list[str]] = {
+    "eager": [],
+    "compile": ["model.compile=true"],
+}
+"""Lever name -> the overrides that switch it on (``eager``: the path every lever is compared with)."""
+
+
+def lever_overrides(lever: str) -> list[str]:
+    name, _, own = lever.partition(":")
+    if name not in LEVERS:
+        raise SystemExit(f"unknown lever {name!r}; choose from {sorted(LEVERS)} (NAME:key=value,... adds overrides)")
+    return [*LEVERS[name], *(own.split(",") if own else [])]
+
+
+def workload(name: str, lever: str, out: Path, extra: list[str]) -> tuple[Callable[[], float], int]:
+    """A built run's timed call for ``name`` under ``lever`` and the items (images, leaves, transitions or points)
+    one call processes; the call returns its own seconds."""
+    from diffrl import trainer
+    from diffrl.config import load_config
+    from diffrl.update import optimize
+
+    config, overrides = WORKLOADS[name]
+    cfg = load_config(config, [*overrides, *lever_overrides(lever), "log.tensorboard=false", *extra])
+    run = trainer.build(cfg, out)
+    if name.startswith("rollout"):
+        def call() -> float:
+            t0 = time.perf_counter()
+            trainer.collect(run, 0)
+            return time.perf_counter() - t0
+
+        return call, cfg.train.prompts_per_step * cfg.train.trees_per_prompt * run.schedule.num_leaves
+    batch = trainer.collect(run, 0)
+    leaf_r, valid, scores = trainer.score(run, batch)
+    adv, mask = trainer.advantage(run, batch, leaf_r, valid, 0, scores)
+    state = run.adapter.trained_state_dict()
+
+    def call() -> float:
+        run.adapter.load_trained_state_dict(state)  # every call updates the same policy
+        t0 = time.perf_counter()
+        optimize(run, batch, adv, mask)
+        return time.perf_counter() - t0
+
+    if cfg.train.objective == "ppo":
+        items = int(mask.sum())
+    else:
+        items = int(mask.sum()) * max(1, round(cfg.sampler.timestep_fraction * cfg.sampler.num_steps))
+    return call, items
+
+
+def main() -> None:
+    from diffrl.eval_report import machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levers", nargs="+", default=list(LEVERS))
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per lever and workload (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    levers = list(dict.fromkeys(["eager", *args.levers]))
+    for lever in levers:
+        lever_overrides(lever)
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads:
+            calls = {}
+            for lever in levers:
+                call, items = workload(name, lever, Path(tmp) / f"{name}-{lever.replace(':', '_')}",
+                                       args.overrides)
+                warmup = call()
+                calls[lever] = (call, items, warmup)
+            times: dict[str, list[float]] = {lever: [] for lever in levers}
+            for _ in range(args.repeats):
+                for lever in levers:
+                    times[lever].append(calls[lever][0]())
+            results[name] = {}
+            for lever in levers:
+                med, items = statistics.median(times[lever]), calls[lever][1]
+                results[name][lever] = {"items": items, "median_s": round(med, 3), "per_s": round(items / med, 2),
+                                        "warmup_s": round(calls[lever][2], 2)}
+            base = results[name]["eager"]["per_s"]
+            for lever in levers:
+                results[name][lever]["speedup"] = round(results[name][lever]["per_s"] / base, 3)
+    where = f"{machine('cpu')}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    print(f"\n{where}; medians of {args.repeats} interleaved calls; speed-up = lever / eager\n")
+    print("| workload | items per call | " + " | ".join(f"{lv} /s (x eager; first call s)" for lv in levers) + " |")
+    print("|---|---:|" + "---:|" * len(levers))
+    for name, row in results.items():
+        cells = [f"{row[lv]['per_s']:.1f} ({row[lv]['speedup']:.2f}x; {row[lv]['warmup_s']:.1f})" for lv in levers]
+        print(f"| {name} | {row['eager']['items']} | " + " | ".join(cells) + " |")
+
+    def best(name: str) -> float | None:
+        if name not in results:
+            return None
+        return max(r["speedup"] for lv, r in results[name].items() if lv != "eager") if len(levers) > 1 else 1.0
+
+    tree_vs_flat = None
+    if {"rollout_flat", "rollout_tree"} <= results.keys():
+        tree_vs_flat = round(results["rollout_tree"]["eager"]["per_s"] / results["rollout_flat"]["eager"]["per_s"], 3)
+    print(json.dumps({"rollout_speedup": best("rollout_flat"), "train_speedup": best("train_ppo"),
+                      "tree_vs_flat_rollout": tree_vs_flat, "machine": where, "repeats": args.repeats,
+                      "overrides": args.overrides,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
