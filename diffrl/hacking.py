@@ -8,8 +8,10 @@ S_t = sqrt(sum s_i^2) / w; the running best is B = max M (from the first full wi
 B - M_t > threshold * sqrt(S_B^2 + S_t^2) (``units: stderr``, in standard errors of the difference). A guard's
 best step b is the last step of its best window (the latest, on a tie). Step t's values score the policy that
 step t started from (checkpoint t - 1), so the best window scored the policies of checkpoints b - w .. b - 1; its
-return step, where a rollback or a stop goes back to, is the middle one, b - ceil(w / 2). A guard fires once per
-running best. Plain Python, no torch.
+return step, where a rollback or a stop goes back to, is the middle one, b - ceil(w / 2), and never before the
+``floor``: the step a rollback returned to (a rollback rewinds the running best to the checkpoint's, whose return
+step may lie before checkpoints that were pruned since; the checkpoint rolled back to was judged good and is kept).
+A guard fires once per running best. Plain Python, no torch.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class HackingAlarm:
             raise ValueError("window and patience must be at least 1")
         self.thresholds, self.units, self.window, self.patience = dict(thresholds), units, window, patience
         self.tracks: dict[str, GuardTrack] = {}
+        self.floor = 0
 
     def observe(self, step: int, values: Mapping[str, tuple[float, float]]) -> Optional[Alarm]:
         """Record step ``step``'s ``{guard: (mean, standard error)}``; the first alarm that fires, or None."""
@@ -110,17 +113,19 @@ class HackingAlarm:
         return fired
 
     def _return_step(self, best_step: int) -> int:
-        return max(0, best_step - (self.window + 1) // 2)
+        return max(self.floor, best_step - (self.window + 1) // 2)
 
-    def return_step(self) -> Optional[int]:
-        """The earliest return step of the guards with a threshold (None before any has a full window): the newest
-        checkpoint at or before it is the one a rollback or a stop goes back to, so it must be kept."""
+    def return_step(self) -> int:
+        """The earliest step an alarm could return to now: the earliest return step of the guards with a threshold
+        (the floor before any has a full window). The newest checkpoint at or before it is the one a rollback or a
+        stop would go back to, so it must be kept."""
         steps = [self._return_step(t.best_step) for n, t in self.tracks.items()
                  if n in self.thresholds and t.best_step is not None]
-        return min(steps) if steps else None
+        return min(steps) if steps else self.floor
 
     def state_dict(self) -> dict:
-        return {name: asdict(t) for name, t in self.tracks.items()}
+        return {"tracks": {name: asdict(t) for name, t in self.tracks.items()}, "floor": self.floor}
 
-    def load_state_dict(self, state: Mapping[str, dict]) -> None:
-        self.tracks = {name: GuardTrack(**t) for name, t in state.items()}
+    def load_state_dict(self, state: Mapping) -> None:
+        self.tracks = {name: GuardTrack(**t) for name, t in state["tracks"].items()}
+        self.floor = state["floor"]

@@ -606,7 +606,8 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
     newest checkpoint at or before the alarm's return step (``diffrl.hacking``) is loaded for export; returns what
     the summary says. rollback: that checkpoint is restored into ``state``, the learning rate and KL weight are
     multiplied by ``lr_factor`` and ``kl_factor``, the seed moves on (new prompts and noises for the repeated
-    steps), and training goes on from there (after ``max_rollbacks``, a stop)."""
+    steps), and training goes on from there (after ``max_rollbacks``, a stop); later alarms return no further back
+    than that checkpoint."""
     g, guards = run.cfg.train.guard, run.guards
     action = "stop" if g.action == "rollback" and guards.rollbacks >= g.max_rollbacks else g.action
     recent = {m["step"]: m["reward_mean"] for m in state.history[-2 * g.window:]}
@@ -631,6 +632,7 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
             if run.rank == 0:
                 checkpoint.remove_after(run.out, target)
             guards.rollbacks, guards.lr_scale, guards.kl_scale = counters
+            guards.alarm.floor = restored.step  # a later alarm returns no further back than here
             event["lr"], event["kl_weight"] = guards.rolled_back()
             _apply_guards(run)
             run.collector.after_restore(run)

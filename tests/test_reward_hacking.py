@@ -217,6 +217,26 @@ def test_stop_exports_the_checkpoint_at_the_guard_s_best(tmp_path):
     assert summary["status"] == "stopped_by_guard" and summary["steps"] == 3 and summary["exported_step"] == 1
 
 
+def test_an_alarm_after_a_rollback_returns_no_further_back_than_the_checkpoint_rolled_back_to(tmp_path):
+    """The guard drops at step 3 and stays down: the run rolls back to checkpoint-000001, whose saved alarm state has
+    its best at step 1 (natural return step 0, a checkpoint pruned at step 2), so the next drop, at the repeated
+    step 2, fires again; with the rollbacks used up it stops, at checkpoint-000001 (the floor), not at a missing
+    checkpoint."""
+    run = trainer.build(_guarded("rollback", "train.guard.max_rollbacks=1"), tmp_path)
+    state = trainer.begin(run, False)
+
+    def on_step(s):
+        if s.step == 2 and run.guards.rollbacks == 0:
+            tests_helpers.GUARD["value"] = 0.0
+
+    stopped = trainer.loop(run, state, on_step)
+    first, second = [json.loads(x) for x in (tmp_path / "guard_events.jsonl").read_text().splitlines()]
+    assert (first["action"], first["step"], first["restored"]) == ("rollback", 3, "checkpoint-000001")
+    assert (second["action"], second["step"], second["best_step"]) == ("stop", 2, 1)
+    assert second["return_step"] == 1 and second["restored"] == "checkpoint-000001" and stopped["exported_step"] == 1
+    assert not (tmp_path / "checkpoint-000000").exists()  # the natural return step's checkpoint is gone
+
+
 def test_warn_logs_the_evidence_and_trains_on(tmp_path):
     cfg = _guarded("warn")
     run = trainer.build(cfg, tmp_path)
