@@ -77,7 +77,8 @@ def test_reward_hacking_benchmark_runs_each_variant_and_measures_false_alarms(tm
     base, best and final accuracy, the curves plot, and the false-alarm table on noise."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_reward_hacking.py"), "--variants", "none",
                            "stop", "--seeds", "0", "--root", str(tmp_path), "train.steps=2", "train.prompts_per_step=2",
-                           "train.trees_per_prompt=2", "sampler.num_steps=4", "data.eval_size=2", "sampler.eval_steps=2", "log.eval_every=1", "log.sample_every=0"],
+                           "train.trees_per_prompt=2", "sampler.num_steps=4", "data.eval_size=2",
+                           "sampler.eval_steps=2", "log.eval_every=1", "log.sample_every=0"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     result = _strict_json(done.stdout.strip().splitlines()[-1])
