@@ -9,6 +9,7 @@ from typing import Callable, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
+from diffrl.config import SamplerConfig
 from diffrl.distributed import average_gradients, max_over_processes
 from diffrl.finite import NonFiniteError, check_finite
 from diffrl.fsdp import local_part
@@ -245,14 +246,19 @@ def _loss_stats(parts: list) -> dict[str, float]:
             "ratio_mean": avg("ratio_mean"), "ratio_dev": dev, "policy_loss": avg("policy_loss")}
 
 
+def levels_per_leaf(sampler: SamplerConfig) -> int:
+    """How many noise levels each leaf is trained at by the forward-process objectives:
+    ``round(sampler.timestep_fraction * sampler.num_steps)``, at least 1."""
+    return max(1, round(sampler.timestep_fraction * sampler.num_steps))
+
+
 def nft_points(run: Run, batch: Batch, mask: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward-process training points of this process's valid leaves: each leaf is noised at
-    ``round(sampler.timestep_fraction * sampler.num_steps)`` (at least 1) distinct noise levels of the rollout
-    schedule. Seeded by (seed, step, global leaf index) on the CPU, so N processes, and any device, draw what one
-    process would. Returns local leaf indices ``[P]``, sigmas ``[P]`` and noises ``[P, ...]`` on the rollout's
-    device."""
+    """Forward-process training points of this process's valid leaves: each leaf is noised at ``levels_per_leaf``
+    distinct noise levels of the rollout schedule. Seeded by (seed, step, global leaf index) on the CPU, so N
+    processes, and any device, draw what one process would. Returns local leaf indices ``[P]``, sigmas ``[P]`` and
+    noises ``[P, ...]`` on the rollout's device."""
     cfg, s = run.cfg, run.cfg.sampler
-    k = max(1, round(s.timestep_fraction * s.num_steps))
+    k = levels_per_leaf(s)
     leaves_per_tree = mask.shape[1]
     idx, sig, eps = [], [], []
     for i in mask.flatten().nonzero().flatten().tolist():

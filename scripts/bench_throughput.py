@@ -64,7 +64,7 @@ def workload(name: str, lever: str, out: Path, extra: list[str]) -> tuple[Callab
     one call processes; the call returns its own seconds."""
     from diffrl import trainer
     from diffrl.config import load_config
-    from diffrl.update import optimize
+    from diffrl.update import levels_per_leaf, optimize
 
     config, overrides = WORKLOADS[name]
     cfg = load_config(config, [*overrides, *lever_overrides(lever), "log.tensorboard=false", *extra])
@@ -87,11 +87,7 @@ def workload(name: str, lever: str, out: Path, extra: list[str]) -> tuple[Callab
         optimize(run, batch, adv, mask)
         return time.perf_counter() - t0
 
-    if cfg.train.objective == "ppo":
-        items = int(mask.sum())
-    else:
-        items = int(mask.sum()) * max(1, round(cfg.sampler.timestep_fraction * cfg.sampler.num_steps))
-    return call, items
+    return call, int(mask.sum()) * (1 if cfg.train.objective == "ppo" else levels_per_leaf(cfg.sampler))
 
 
 def main() -> None:
@@ -148,8 +144,7 @@ def main() -> None:
         tree_vs_flat = round(results["rollout_tree"]["eager"]["per_s"] / results["rollout_flat"]["eager"]["per_s"], 3)
     print(json.dumps({"rollout_speedup": best("rollout_flat"), "train_speedup": best("train_ppo"),
                       "tree_vs_flat_rollout": tree_vs_flat, "machine": where, "repeats": args.repeats,
-                      "overrides": args.overrides,
-                      "results": results}))
+                      "overrides": args.overrides, "results": results}))
 
 
 if __name__ == "__main__":

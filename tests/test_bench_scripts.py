@@ -97,8 +97,7 @@ def test_reward_hacking_benchmark_runs_each_variant_and_measures_false_alarms(tm
 def test_throughput_benchmark_compares_levers_with_eager_and_ends_with_its_json_contract():
     out = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--levers", "eager:train.minibatch=4",
                           "--workloads", "rollout_flat", "rollout_tree", "train_nft", "--repeats", "1",
-                          "train.prompts_per_step=2",
-                          "sampler.num_steps=4", "data.eval_size=4"],
+                          "train.prompts_per_step=2", "sampler.num_steps=4", "data.eval_size=4"],
                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,4 +110,3 @@ def test_throughput_benchmark_compares_levers_with_eager_and_ends_with_its_json_
     assert result["tree_vs_flat_rollout"] == round(rows["rollout_tree"]["eager"]["per_s"] /
                                                    rows["rollout_flat"]["eager"]["per_s"], 3)
     assert result["train_speedup"] is None  # train_ppo did not run
-
