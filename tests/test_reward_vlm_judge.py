@@ -49,6 +49,10 @@ class FakeVLM:
                 try:
                     status, answer, delay = fake.reply(body["messages"][0]["content"][0]["text"])
                     time.sleep(delay)
+                finally:  # out of flight before the reply leaves: the client may send its next request at once
+                    with fake.lock:
+                        fake.inflight -= 1
+                try:
                     payload = ({"choices": [{"message": {"role": "assistant", "content": answer}}]} if status == 200
                                else {"error": {"message": answer, "code": status}})
                     data = json.dumps(payload).encode()
@@ -59,9 +63,6 @@ class FakeVLM:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and hung up
                     pass
-                finally:
-                    with fake.lock:
-                        fake.inflight -= 1
 
             def log_message(self, fmt: str, *args) -> None:
                 pass
