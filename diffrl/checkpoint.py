@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,9 +27,9 @@ class CheckpointError(RuntimeError):
 
 
 def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optimizer: dict, state: dict,
-         keep: Optional[int] = None) -> Path:
+         keep: Sequence[int] = ()) -> Path:
     """Write ``checkpoint-<step>`` atomically and keep the newest ``KEEP`` checkpoints, and the newest one at or
-    before step ``keep`` when given; temporary folders left by a save that was killed midway are removed first (they
+    before each step in ``keep``; temporary folders left by a save that was killed midway are removed first (they
     are never loaded, only disk)."""
     run_dir = Path(run_dir)
     for stale in run_dir.glob(".tmp-checkpoint-*"):
@@ -58,15 +58,15 @@ def _write_error(run_dir: Path, tmp: Path, final: Path, error: Exception) -> Che
                            f"checkpoint {previous.name if previous else '(none)'} is intact")
 
 
-def prune(run_dir: Path, final: Path, keep: Optional[int] = None) -> None:
+def prune(run_dir: Path, final: Path, keep: Sequence[int] = ()) -> None:
     """Keep ``final`` (just written), the ``KEEP - 1`` newest checkpoints before it and the newest at or before
-    step ``keep`` (a guard's return point); checkpoints of later steps belong to no live history (a run resumes
-    from its newest), so they go too."""
+    each step in ``keep`` (where a guard's stop or rollback would go back to); checkpoints of later steps belong to
+    no live history (a run resumes from its newest), so they go too."""
     found = sorted(run_dir.glob("checkpoint-*"))
     older, later = [p for p in found if p.name < final.name], [p for p in found if p.name > final.name]
-    pinned = at_or_before(run_dir, keep) if keep is not None else None
+    pinned = {at_or_before(run_dir, k) for k in keep}
     for old in older[: max(0, len(older) - (KEEP - 1))] + later:
-        if old != pinned:
+        if old not in pinned:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -89,7 +89,7 @@ def _step_of(path: Path) -> int:
 
 
 def save_sharded(run_dir: Path, step: int, sharded: dict[str, Any], state: dict, rank: int,
-                 keep: Optional[int] = None) -> Path:
+                 keep: Sequence[int] = ()) -> Path:
     """``save`` for FSDP runs, called by every process: ``sharded`` (DTensors: the trained parameters, their EMA,
     the optimizer state) goes through ``torch.distributed.checkpoint``, each process writing only its own shards
     into ``checkpoint-<step>/sharded``; the first process adds ``state.json`` and renames the folder into place once

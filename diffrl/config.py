@@ -137,9 +137,11 @@ class GuardConfig:
     patience: int = 1
     """Consecutive steps past the threshold before the alarm fires. Range: [1, 1000]."""
     action: str = "warn"
-    """warn (log the evidence, go on), stop (end the run and export the newest checkpoint at or before the guard's
-    best step) or rollback (restore that checkpoint, multiply the learning rate by ``lr_factor`` and the KL weight
-    by ``kl_factor``, go on). Every alarm is written to ``guard_events.jsonl`` with both curves' values."""
+    """warn (log the evidence, go on), stop (end the run and export the newest evaluated checkpoint whose guard value
+    on the held-out prompts is within the threshold of its best; with ``log.eval_every: 0``, the newest checkpoint at
+    or before the guard's best window) or rollback (restore the newest checkpoint at or before the guard's best
+    window, multiply the learning rate by ``lr_factor`` and the KL weight by ``kl_factor``, go on). Every alarm is
+    written to ``guard_events.jsonl`` with both curves' values."""
     lr_factor: float = 0.5
     """Learning-rate multiplier of each rollback. Range: (0, 1]."""
     kl_factor: float = 1.0

@@ -11,7 +11,13 @@ step t started from (checkpoint t - 1), so the best window scored the policies o
 return step, where a rollback or a stop goes back to, is the middle one, b - ceil(w / 2), and never before the
 ``floor``: the step a rollback returned to (a rollback rewinds the running best to the checkpoint's, whose return
 step may lie before checkpoints that were pruned since; the checkpoint rolled back to was judged good and is kept).
-A guard fires once per running best. Plain Python, no torch.
+A guard fires once per running best.
+
+What a stop exports, when evaluations scored the guards on the held-out prompts (the same prompts and noises at
+every evaluation, so the values compare checkpoints rather than draws): the newest evaluated checkpoint, at or
+before the alarm, whose guard value is within the threshold (same units) of the best evaluated one, i.e. the
+most-trained checkpoint the held-out guard does not call worse than its best (``export_step``). Without such
+evaluations, the return step above. Plain Python, no torch.
 """
 from __future__ import annotations
 
@@ -35,6 +41,22 @@ def drop_exceeds(best: float, best_se: float, current: float, current_se: float,
     if units == "absolute":
         return drop > threshold
     return drop > threshold * math.hypot(best_se, current_se)
+
+
+def export_step(evals: Sequence[Mapping[str, float]], guard: str, threshold: float, units: str,
+                upto: int) -> Optional[int]:
+    """The step a stop exports: of the evaluations ``evals`` (``{"step", "guard_<guard>", "guard_<guard>_se"}``) at
+    steps <= ``upto``, the newest whose guard value is within ``threshold`` (``units``, as the alarm's) of the best
+    one's; None when none of them scored the guard."""
+    scored = [e for e in evals if e["step"] <= upto and f"guard_{guard}" in e
+              and math.isfinite(e[f"guard_{guard}"])]
+    if not scored:
+        return None
+    best = max(scored, key=lambda e: e[f"guard_{guard}"])
+    close = [e for e in scored if not drop_exceeds(best[f"guard_{guard}"], best.get(f"guard_{guard}_se", 0.0),
+                                                   e[f"guard_{guard}"], e.get(f"guard_{guard}_se", 0.0),
+                                                   threshold, units)]
+    return max(e["step"] for e in close)
 
 
 @dataclass
@@ -114,6 +136,12 @@ class HackingAlarm:
 
     def _return_step(self, best_step: int) -> int:
         return max(self.floor, best_step - (self.window + 1) // 2)
+
+    def export_steps(self, evals: Sequence[Mapping[str, float]], upto: int) -> list[int]:
+        """``export_step`` of each guard with a threshold: the checkpoints a stop could export now (a later
+        evaluation that becomes the choice is newer, so keeping these is enough)."""
+        steps = [export_step(evals, n, th, self.units, upto) for n, th in self.thresholds.items()]
+        return [s for s in steps if s is not None]
 
     def return_step(self) -> int:
         """The earliest step an alarm could return to now: the earliest return step of the guards with a threshold

@@ -26,13 +26,13 @@ from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import first_process, gather_rows, mean_over_processes, setup, shutdown
+from diffrl.distributed import first_process, gather_rows, max_over_processes, mean_over_processes, setup, shutdown
 from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.finite import NonFiniteError, check_finite
 from diffrl.guards import Guards
 from diffrl.guards import apply as apply_guards
-from diffrl.hacking import Alarm
+from diffrl.hacking import Alarm, export_step
 from diffrl.inference import EVAL_SEED, sample
 from diffrl.model_card import write_card
 from diffrl.prompts import PromptStream, eval_prompts
@@ -463,13 +463,15 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
 def save_checkpoint(run: Run, state: TrainState) -> None:
     """The trained weights, EMA, optimizer, history and guard state, written atomically by the first process;
     sharded (FSDP), every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``).
-    With a guard that stops or rolls back, the newest checkpoint at or before the guards' return step is kept too."""
+    With a guard that stops or rolls back, the checkpoints a stop or a rollback would go back to are kept too."""
     meta = {"history": state.history, "evals": state.evals, "base_accuracy": state.base_accuracy}
-    keep = None
+    keep: list[int] = []
     if run.guards is not None:
         meta["guards"] = run.guards.state_dict()
-        if run.cfg.train.guard.action != "warn":  # where a stop or a rollback would return to
-            keep = run.guards.alarm.return_step()
+        if run.cfg.train.guard.action != "warn":
+            keep = [run.guards.alarm.return_step()]
+            if run.cfg.log.eval_every > 0:  # what a stop would export (``_export_step``)
+                keep += run.guards.alarm.export_steps(state.evals, state.step)
     if run.adapter.sharded:
         checkpoint.save_sharded(run.out, state.step, _sharded_state(run, state.ema), meta, run.rank, keep)
         return
@@ -603,11 +605,11 @@ def _apply_guards(run: Run) -> None:
 def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
     """Act on a guard's alarm by ``train.guard.action`` (every process alike: the guards' values are gathered), with
     the evidence (both curves' recent values) in ``guard_events.jsonl`` and the log. warn: nothing else. stop: the
-    newest checkpoint at or before the alarm's return step (``diffrl.hacking``) is loaded for export; returns what
-    the summary says. rollback: that checkpoint is restored into ``state``, the learning rate and KL weight are
-    multiplied by ``lr_factor`` and ``kl_factor``, the seed moves on (new prompts and noises for the repeated
-    steps), and training goes on from there (after ``max_rollbacks``, a stop); later alarms return no further back
-    than that checkpoint."""
+    checkpoint ``_export_step`` chooses is loaded for export; returns what the summary says. rollback: the newest
+    checkpoint at or before the alarm's return step (``diffrl.hacking``) is restored into ``state``, the learning
+    rate and KL weight are multiplied by ``lr_factor`` and ``kl_factor``, the seed moves on (new prompts and noises
+    for the repeated steps), and training goes on from there (after ``max_rollbacks``, a stop); later alarms return
+    no further back than that checkpoint."""
     g, guards = run.cfg.train.guard, run.guards
     action = "stop" if g.action == "rollback" and guards.rollbacks >= g.max_rollbacks else g.action
     recent = {m["step"]: m["reward_mean"] for m in state.history[-2 * g.window:]}
@@ -618,7 +620,8 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
     if action == "warn":
         log.warning("%s: training goes on ('train.guard.action' warn)", alarm.sentence())
     else:
-        target = checkpoint.at_or_before(run.out, alarm.return_step)
+        back_to = _export_step(run, state, alarm) if action == "stop" else alarm.return_step
+        target = checkpoint.at_or_before(run.out, back_to)
         event["restored"] = target.name
         if action == "stop":
             restored = restore(run, target, rewrite_metrics=False)
@@ -645,6 +648,19 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
         with open(run.out / "guard_events.jsonl", "a") as f:
             f.write(json.dumps(event) + "\n")
     return stopped
+
+
+def _export_step(run: Run, state: TrainState, alarm: Alarm) -> int:
+    """Where a guard's stop exports from (``diffrl.hacking``): the newest evaluated checkpoint the held-out guard
+    does not call worse than its best, or the alarm's return step when the run evaluates only at step 0. The
+    first process holds the evaluations; every process takes its choice."""
+    step = -1
+    if run.rank == 0 or run.adapter.sharded:
+        evaluated = None
+        if run.cfg.log.eval_every > 0:
+            evaluated = export_step(state.evals, alarm.guard, alarm.threshold, alarm.units, state.step)
+        step = alarm.return_step if evaluated is None else evaluated
+    return max_over_processes(step)
 
 
 def stop_nonfinite(run: Run, state: TrainState, error: NonFiniteError, wall_s: float) -> NonFiniteError:
@@ -695,7 +711,8 @@ def after_step(run: Run, state: TrainState, metrics: dict) -> None:
     """Periodic evaluation, logging, sample grid and checkpoint (the first process; sharded, every process samples
     and gathers with it and the first one writes)."""
     log_cfg = run.cfg.log
-    if log_cfg.eval_every and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps:
+    evaluated = bool(log_cfg.eval_every) and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps
+    if evaluated:
         with Swap(run.adapter, state.ema):
             state.evals.append({"step": state.step, **evaluate(run)})
         metrics["eval_accuracy"] = state.evals[-1]["accuracy"]
@@ -704,7 +721,8 @@ def after_step(run: Run, state: TrainState, metrics: dict) -> None:
     if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
         with Swap(run.adapter, state.ema):
             write_grid(run, state)
-    if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps:
+    stoppable = run.guards is not None and run.cfg.train.guard.action != "warn"  # a stop may export what it evaluated
+    if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps or (evaluated and stoppable):
         save_checkpoint(run, state)
 
 

@@ -16,7 +16,7 @@ from diffrl import checkpoint, cli, trainer
 from diffrl.advantages import AGGREGATIONS
 from diffrl.config import ConfigError, load_config
 from diffrl.guards import SEED_STRIDE
-from diffrl.hacking import HackingAlarm
+from diffrl.hacking import HackingAlarm, export_step
 from rewards.pairwise import win_rates
 from tests_helpers import BRIGHT, MODEL, ROOT, TINY
 
@@ -95,6 +95,21 @@ def test_gaussian_noise_of_the_stated_standard_error_stays_quiet_at_6_standard_e
         drop = 0.5 - 10 * se / math.sqrt(window) * math.sqrt(2)
         late = [alarm.observe(300 + i, {"g": (drop, se)}) for i in range(window + 2)]
         assert any(a is not None for a in late), seed
+
+
+def test_a_stop_exports_the_newest_evaluation_within_the_threshold_of_the_best():
+    """Held-out evaluations 0.40 (step 0), 0.50 (5), 0.45 (10), 0.20 (15), threshold 0.08: the best is 0.50; 0.45
+    is 0.05 below it (within), 0.40 and 0.20 are not, so the stop exports step 10 (step 5 when it stops at step 9).
+    In standard errors (0.02 each, so sqrt(2) * 0.02 = 0.028 per unit): 1 unit leaves 0.45 out (step 5), 4 units
+    (0.113) let 0.40 in but not 0.20 (step 10). A guard no evaluation scored: None (the alarm's return step)."""
+    evals = [{"step": s, "guard_g": v, "guard_g_se": 0.02} for s, v in ((0, 0.40), (5, 0.50), (10, 0.45), (15, 0.20))]
+    assert export_step(evals, "g", 0.08, "absolute", 15) == 10
+    assert export_step(evals, "g", 0.08, "absolute", 9) == 5
+    assert export_step(evals, "g", 1.0, "stderr", 15) == 5
+    assert export_step(evals, "g", 4.0, "stderr", 15) == 10
+    assert export_step(evals, "other", 0.08, "absolute", 15) is None
+    alarm = HackingAlarm({"g": 0.08, "h": 0.1})
+    assert alarm.export_steps(evals, 15) == [10]  # h has no evaluations
 
 
 def test_the_alarm_s_state_round_trips():
@@ -215,6 +230,31 @@ def test_stop_exports_the_checkpoint_at_the_guard_s_best(tmp_path):
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     summary = trainer.finish(run, state, 0.0, stopped)
     assert summary["status"] == "stopped_by_guard" and summary["steps"] == 3 and summary["exported_step"] == 1
+
+
+def test_with_evaluations_a_stop_exports_the_newest_checkpoint_the_held_out_guard_calls_as_good(tmp_path):
+    """Evaluations every step; the guard scores 1 up to step 4 and 0 after (rollouts and evaluations alike); window 4,
+    threshold 0.5: the window means fall to 0.75, 0.5, 0.25, so the alarm fires at step 7 (return step 2). The
+    evaluations say 1 up to step 4 and 0 after, so the stop exports checkpoint-000004, which the pruning (2 newest)
+    kept, and its final evaluation is the one step 4's evaluation recorded."""
+    run = trainer.build(_guarded("stop", "train.steps=9", "train.guard.window=4", "log.eval_every=1"), tmp_path)
+    state = trainer.begin(run, False)
+
+    def on_step(s):
+        if s.step == 4:
+            tests_helpers.GUARD["value"] = 0.0
+
+    stopped = trainer.loop(run, state, on_step)
+    (event,) = [json.loads(x) for x in (tmp_path / "guard_events.jsonl").read_text().splitlines()]
+    assert (event["step"], event["best_step"], event["return_step"]) == (7, 4, 2)
+    assert event["restored"] == "checkpoint-000004" and stopped["exported_step"] == 4
+    assert [e["guard_tests_helpers:scripted_guard"] for e in state.evals] == [1, 1, 1, 1, 1, 0, 0, 0]
+    saved = load_file(str(tmp_path / "checkpoint-000004" / "lora.safetensors"))
+    now = run.adapter.trained_state_dict()
+    assert all(torch.equal(now[k], saved[k]) for k in saved)
+    at_four = state.evals[4]["accuracy"]
+    summary = trainer.finish(run, state, 0.0, stopped)
+    assert summary["exported_step"] == 4 and summary["final_accuracy"] == at_four
 
 
 def test_an_alarm_after_a_rollback_returns_no_further_back_than_the_checkpoint_rolled_back_to(tmp_path):
