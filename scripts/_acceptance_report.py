@@ -143,6 +143,28 @@ def parse_explore(log: str, work: Path, rc: int) -> tuple[bool, dict, str]:
     return ok, numbers, why
 
 
+def parse_throughput(log: str, work: Path, rc: int) -> tuple[bool, dict, str]:
+    """bench_throughput.py: its final JSON line. ``rollout_speedup`` (compiled over eager, ``rollout_flat``) and
+    ``train_speedup`` (``train_ppo``; when that workload did not run, ``train_nft``'s compiled speed-up from
+    ``results``), both finite and positive, and each workload's eager and compiled items/s."""
+    found = json_lines(log)
+    final = next((d for d in reversed(found) if "results" in d), None)
+    if final is None:
+        return False, {}, "no result line" + (f"; {last_error(log)}" if rc else "")
+    results = final["results"]
+    train = final.get("train_speedup")
+    if train is None:
+        train = (results.get("train_nft") or {}).get("compile", {}).get("speedup")
+    numbers: dict = {"rollout_speedup": final.get("rollout_speedup"), "train_speedup": train}
+    for name, row in results.items():
+        numbers[name] = {f"{lever}_per_s": row[lever]["per_s"] for lever in ("eager", "compile") if lever in row}
+    bad = [k for k in ("rollout_speedup", "train_speedup")
+           if not isinstance(numbers[k], (int, float)) or not math.isfinite(numbers[k]) or numbers[k] <= 0]
+    ok = rc == 0 and not bad
+    why = "" if ok else (last_error(log) if rc else f"no finite positive {' or '.join(bad)}")
+    return ok, numbers, why
+
+
 def installed(site: Path, wheels: list[str]) -> int:
     """After ``pip install --target SITE``: the wheels' count and size, and how the installed diffrl wheel compares
     with this checkout. A module of the checkout missing from the wheel fails the step (the wheel is broken for
@@ -168,7 +190,7 @@ def installed(site: Path, wheels: list[str]) -> int:
 
 
 PARSERS = {"probe": parse_probe, "tests": parse_tests, "train": parse_train, "families": parse_families,
-           "explore": parse_explore}
+           "explore": parse_explore, "throughput": parse_throughput}
 
 
 def step(out: Path, name: str, kind: str, rc: int, seconds: float, limit: float) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU acceptance run of diffrl: the GPU tests, a short training run, and the two GPU benchmarks, each step timed and
+# GPU acceptance run of diffrl: the GPU tests, a short training run, and three GPU benchmarks, each step timed and
 # recorded (pass/fail, seconds, key numbers) in OUTDIR/acceptance.json and OUTDIR/acceptance.md. A failed step is
 # recorded and the next one runs. The last line on stdout is one JSON line: {"ok": true|false, ..., "steps": {...}}.
 #
@@ -11,10 +11,15 @@
 # most its own limit and what is left of the budget). The GPU image has Python 3.12 and torch but not diffusers,
 # open_clip (nor their few missing dependencies) or torchao: they and diffrl itself travel as wheels in .whl/ and are
 # installed with pip --target into $ACCEPT_SITE (default /tmp/site), then put on PYTHONPATH after the checkout.
+# Steps: install (GPU only), environment, gpu_tests, train, bench_throughput, bench_explore, bench_families.
+# bench_throughput (scripts/bench_throughput.py) measures compiled (model.compile=true: regional torch.compile) against
+# eager on the GPU, on the embedded tiny model: the rollout and the clipped-ratio and DiffusionNFT updates (the first
+# call, compile time, is reported apart as warmup_s); it takes up to 120 s of the budget. The per-family comparison
+# at full size, compiled against eager, is not in the budget: bench_families runs eagerly, last, in the rest of it.
 # Python: $PYTHON, else python3 (dry-run: also the repo's .venv when python3 lacks diffrl).
-# Knobs (environment): ACCEPT_BUDGET_S; ACCEPT_EXPLORE_ARGS, ACCEPT_FAMILIES_ARGS (replace the benchmark flags
-# below); ACCEPT_EXPLORE_COMPILE=1 (let bench_explore.py --gpu torch.compile; default: eager, to fit the budget);
-# ACCEPT_SITE; DIFFRL_TEST_DEVICE (GPU mode: the gpu tests' device, default cuda).
+# Knobs (environment): ACCEPT_BUDGET_S; ACCEPT_THROUGHPUT_ARGS, ACCEPT_EXPLORE_ARGS, ACCEPT_FAMILIES_ARGS (replace
+# the benchmark flags below); ACCEPT_EXPLORE_COMPILE=1 (let bench_explore.py --gpu torch.compile; default: eager, to
+# fit the budget); ACCEPT_SITE; DIFFRL_TEST_DEVICE (GPU mode: the gpu tests' device, default cuda).
 # Step output: OUTDIR/logs/STEP.log; run directories, JUnit XML and steps.jsonl: OUTDIR/work/.
 set -uo pipefail
 
@@ -152,6 +157,21 @@ step_train() {  # the main job's config, a few steps
   run_step train train 75 "$PY" -m diffrl train configs/tiny_shapes.yaml "${overrides[@]}" --out "$OUTDIR/work/train" --overwrite
 }
 
+step_bench_throughput() {  # compiled (regional torch.compile) against eager on the embedded tiny model
+  # --workloads before --repeats: its list would take the trailing key=value overrides (applied to every workload).
+  local args=(--levers eager compile --workloads rollout_flat train_nft --repeats 1 train.prompts_per_step=2
+              train.trees_per_prompt=2 sampler.num_steps=2 "sampler.sde_window=[0,1]" data.eval_size=4)
+  # dry-run: dynamo off, so the step's own logic runs without 1-2 minutes of inductor compiling C++ on 2 cores (the
+  # compiled path's numbers are tests/test_compile.py's); GPU mode compiles.
+  local limit=90 dynamo=1
+  if [[ "$MODE" == gpu ]]; then
+    args=(--levers eager compile --workloads rollout_flat train_ppo train_nft --repeats 2 model.device=cuda)
+    limit=120 dynamo=0
+  fi
+  [[ -n "${ACCEPT_THROUGHPUT_ARGS:-}" ]] && read -ra args <<<"$ACCEPT_THROUGHPUT_ARGS"
+  run_step bench_throughput throughput "$limit" env TORCHDYNAMO_DISABLE=$dynamo "$PY" scripts/bench_throughput.py "${args[@]}"
+}
+
 step_bench_explore() {  # FP8 exploration: full-size throughput (GPU) and exact regeneration on the embedded model
   local args=(--steps 1 --keep 2 --prompts 2 --eval-every 1 --eval-prompts 2 sampler.num_steps=4 "sampler.sde_window=[0,2]"
               sampler.eval_steps=4 data.eval_size=4)
@@ -194,7 +214,8 @@ if [[ "$MODE" == gpu ]]; then
   BUDGET_S=${ACCEPT_BUDGET_S:-460}  # + at most 10 s to kill a step cut short, + the report
   TEST_DEVICE=${DIFFRL_TEST_DEVICE:-cuda}
 else
-  BUDGET_S=${ACCEPT_BUDGET_S:-240}  # a safety net: the dry-run takes about 80 s on 2 cores
+  # A safety net, under the dry-run test's 600 s: about 100 s alone on 2 cores, 400 s beside two training runs.
+  BUDGET_S=${ACCEPT_BUDGET_S:-540}
   TEST_DEVICE=cpu
 fi
 echo "[acceptance] mode $MODE, python $PY, output $OUTDIR, budget ${BUDGET_S} s"
@@ -202,6 +223,7 @@ echo "[acceptance] mode $MODE, python $PY, output $OUTDIR, budget ${BUDGET_S} s"
 step_environment
 step_gpu_tests
 step_train
+step_bench_throughput
 step_bench_explore
 step_bench_families
 "$PY" scripts/_acceptance_report.py final "$OUTDIR" "$MODE"
