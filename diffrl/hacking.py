@@ -15,9 +15,9 @@ A guard fires once per running best.
 
 What a stop exports, when evaluations scored the guards on the held-out prompts (the same prompts and noises at
 every evaluation, so the values compare checkpoints rather than draws): the newest evaluated checkpoint, at or
-before the alarm, whose guard value is within the threshold (same units) of the best evaluated one, i.e. the
-most-trained checkpoint the held-out guard does not call worse than its best (``export_step``). Without such
-evaluations, the return step above. Plain Python, no torch.
+before the alarm and not before the floor, whose guard value is within the threshold (same units) of the best
+evaluated one, i.e. the most-trained checkpoint the held-out guard does not call worse than its best
+(``export_step``). Without such evaluations, the return step above. Plain Python, no torch.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ def drop_exceeds(best: float, best_se: float, current: float, current_se: float,
     return drop > threshold * math.hypot(best_se, current_se)
 
 
-def export_step(evals: Sequence[Mapping[str, float]], guard: str, threshold: float, units: str,
-                upto: int) -> Optional[int]:
+def export_step(evals: Sequence[Mapping[str, float]], guard: str, threshold: float, units: str, upto: int,
+                since: int = 0) -> Optional[int]:
     """The step a stop exports: of the evaluations ``evals`` (``{"step", "guard_<guard>", "guard_<guard>_se"}``) at
-    steps <= ``upto``, the newest whose guard value is within ``threshold`` (``units``, as the alarm's) of the best
-    one's; None when none of them scored the guard."""
-    scored = [e for e in evals if e["step"] <= upto and f"guard_{guard}" in e
+    steps ``since`` .. ``upto``, the newest whose guard value is within ``threshold`` (``units``, as the alarm's) of
+    the best one's; None when none of them scored the guard."""
+    scored = [e for e in evals if since <= e["step"] <= upto and f"guard_{guard}" in e
               and math.isfinite(e[f"guard_{guard}"])]
     if not scored:
         return None
@@ -138,9 +138,9 @@ class HackingAlarm:
         return max(self.floor, best_step - (self.window + 1) // 2)
 
     def export_steps(self, evals: Sequence[Mapping[str, float]], upto: int) -> list[int]:
-        """``export_step`` of each guard with a threshold: the checkpoints a stop could export now (a later
-        evaluation that becomes the choice is newer, so keeping these is enough)."""
-        steps = [export_step(evals, n, th, self.units, upto) for n, th in self.thresholds.items()]
+        """``export_step`` of each guard with a threshold, from the floor on: the checkpoints a stop could export now
+        (a later evaluation that becomes the choice is newer, so keeping these is enough)."""
+        steps = [export_step(evals, n, th, self.units, upto, self.floor) for n, th in self.thresholds.items()]
         return [s for s in steps if s is not None]
 
     def return_step(self) -> int:

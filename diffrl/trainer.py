@@ -652,13 +652,15 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
 
 def _export_step(run: Run, state: TrainState, alarm: Alarm) -> int:
     """Where a guard's stop exports from (``diffrl.hacking``): the newest evaluated checkpoint the held-out guard
-    does not call worse than its best, or the alarm's return step when the run evaluates only at step 0. The
-    first process holds the evaluations; every process takes its choice."""
+    does not call worse than its best, no further back than a rollback went (checkpoints before it may be pruned),
+    or the alarm's return step when the run evaluates only at step 0. The first process holds the evaluations;
+    every process takes its choice."""
     step = -1
     if run.rank == 0 or run.adapter.sharded:
         evaluated = None
         if run.cfg.log.eval_every > 0:
-            evaluated = export_step(state.evals, alarm.guard, alarm.threshold, alarm.units, state.step)
+            evaluated = export_step(state.evals, alarm.guard, alarm.threshold, alarm.units, state.step,
+                                    run.guards.alarm.floor)
         step = alarm.return_step if evaluated is None else evaluated
     return max_over_processes(step)
 

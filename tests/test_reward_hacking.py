@@ -108,6 +108,8 @@ def test_a_stop_exports_the_newest_evaluation_within_the_threshold_of_the_best()
     assert export_step(evals, "g", 1.0, "stderr", 15) == 5
     assert export_step(evals, "g", 4.0, "stderr", 15) == 10
     assert export_step(evals, "other", 0.08, "absolute", 15) is None
+    assert export_step(evals, "g", 0.08, "absolute", 15, since=6) == 10  # after a rollback to step 6
+    assert export_step(evals, "g", 0.08, "absolute", 15, since=11) == 15
     alarm = HackingAlarm({"g": 0.08, "h": 0.1})
     assert alarm.export_steps(evals, 15) == [10]  # h has no evaluations
 
@@ -275,6 +277,30 @@ def test_an_alarm_after_a_rollback_returns_no_further_back_than_the_checkpoint_r
     assert (second["action"], second["step"], second["best_step"]) == ("stop", 2, 1)
     assert second["return_step"] == 1 and second["restored"] == "checkpoint-000001" and stopped["exported_step"] == 1
     assert not (tmp_path / "checkpoint-000000").exists()  # the natural return step's checkpoint is gone
+
+
+def test_a_stop_after_a_rollback_exports_no_further_back_than_the_checkpoint_rolled_back_to(tmp_path):
+    """Evaluations every step; the guard scores 1.0 (base), 0.4, 1.0, 0.0 at steps 0-3: the alarm fires at step 3
+    and rolls back to checkpoint 1 (return step of the best, step 2); checkpoint 0 was pruned at step 2 (the held-out
+    choice was step 2 by then). The repeated step 2 scores -1: the next alarm stops. Of the evaluations the best is
+    the base's, but a stop exports no further back than the rollback went: checkpoint 1 (it crashed on the missing
+    checkpoint 0 before)."""
+    run = trainer.build(_guarded("rollback", "train.guard.max_rollbacks=1", "log.eval_every=1"), tmp_path)
+    state = trainer.begin(run, False)
+    tests_helpers.GUARD["value"] = 0.4
+
+    def on_step(s):
+        after = {1: 1.0, 2: 0.0} if run.guards.rollbacks == 0 else {1: -1.0}
+        tests_helpers.GUARD["value"] = after.get(s.step, tests_helpers.GUARD["value"])
+
+    stopped = trainer.loop(run, state, on_step)
+    first, second = [json.loads(x) for x in (tmp_path / "guard_events.jsonl").read_text().splitlines()]
+    assert (first["action"], first["step"], first["restored"]) == ("rollback", 3, "checkpoint-000001")
+    assert (second["action"], second["step"]) == ("stop", 2)
+    assert [e["step"] for e in state.evals] == [0, 1, 2]
+    assert [e["guard_tests_helpers:scripted_guard"] for e in state.evals] == pytest.approx([1.0, 0.4, -1.0])
+    assert second["restored"] == "checkpoint-000001" and stopped["exported_step"] == 1
+    assert not (tmp_path / "checkpoint-000000").exists()
 
 
 def test_warn_logs_the_evidence_and_trains_on(tmp_path):
