@@ -3,13 +3,15 @@ strict shapes verifier as its guard, side by side per seed: no guard (the guard 
 (rollback or stop), and a mitigation (e.g. a stronger KL to the base, or a min-ensemble with the verifier).
 
     python scripts/bench_reward_hacking.py [--variants none rollback kl] [--seeds 0 1 2] [--jobs 2] [--root DIR]
-                                           [key=value ...]
+                                           [--reuse] [key=value ...]
     python scripts/bench_reward_hacking.py --false-alarms   # the alarm's false-alarm rate on pure noise (no training)
 
 Every run is ``diffrl train configs/tiny_shapes.yaml`` with the shared overrides below (the proxy reward, the guard,
 evaluations every 5 steps), then the variant's own (``NAME`` from ``VARIANTS``, or ``NAME:key=value,...``), then
 the command line's. ``--jobs 2`` runs two at a time with one torch thread each (the comparison is of accuracies,
-not times). Prints a table per run and the means per variant, writes ``curves.png`` under ``--root`` (the proxy
+not times). ``--reuse`` reads a run whose directory already holds a finished run of the same configuration instead
+of training it again (a benchmark cut short resumes where it stopped). Prints a table per run and the means per
+variant, writes ``curves.png`` under ``--root`` (the proxy
 and the strict verifier over the steps, one colour per variant, seed 0 solid) and ends with one JSON line.
 """
 from __future__ import annotations
@@ -49,15 +51,29 @@ def overrides_of(variant: str) -> list[str]:
     return [*VARIANTS[name], *(own.split(",") if own else [])]
 
 
-def run(variant: str, seed: int, root: Path, extra: list[str], threads: int) -> dict:
-    """One run; what its metrics, evaluations and guard events say."""
+def finished_with(out: Path, overrides: list[str]) -> bool:
+    """Whether ``out`` holds a finished run (``summary.json``) of ``configs/tiny_shapes.yaml`` with ``overrides``."""
+    import yaml
+
+    from diffrl.config import load_config, to_dict
+
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return False
+    return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(load_config("configs/tiny_shapes.yaml",
+                                                                                    overrides))
+
+
+def run(variant: str, seed: int, root: Path, extra: list[str], threads: int, reuse: bool = False) -> dict:
+    """One run (or, with ``reuse``, the finished one of the same configuration already in its directory); what its
+    metrics, evaluations and guard events say."""
     out = root / f"{variant.replace(':', '_').replace('=', '-').replace(',', '_')}-seed{seed}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", f"train.seed={seed}",
-                           *SHARED, *overrides_of(variant), *extra, "--out", str(out), "--overwrite"],
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
+    overrides = [f"train.seed={seed}", *SHARED, *overrides_of(variant), *extra]
+    if not (reuse and finished_with(out, overrides)):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", *overrides,
+                               "--out", str(out), "--overwrite"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events_file = out / "guard_events.jsonl"
@@ -127,6 +143,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--root", default="runs/bench_reward_hacking")
+    ap.add_argument("--reuse", action="store_true", help="read finished runs of the same configuration under --root")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.false_alarms:
@@ -144,7 +161,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda job: run(*job, root, args.overrides, threads), jobs))
+        rows = list(pool.map(lambda job: run(*job, root, args.overrides, threads, args.reuse), jobs))
     print("| variant | seed | proxy first -> last | strict: base | best | final | alarms | status |\n"
           "|---|---:|---|---:|---:|---:|---|---|")
     for r in rows:

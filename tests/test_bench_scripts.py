@@ -74,14 +74,26 @@ def test_objectives_benchmark_runs_each_objective_per_seed(tmp_path):
 
 def test_reward_hacking_benchmark_runs_each_variant_and_measures_false_alarms(tmp_path):
     """bench_reward_hacking.py at a tiny size: a row per (seed, variant) with the proxy and the strict verifier's
-    base, best and final accuracy, the curves plot, and the false-alarm table on noise."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_reward_hacking.py"), "--variants", "none",
-                           "stop", "--seeds", "0", "--root", str(tmp_path), "train.steps=2", "train.prompts_per_step=2",
-                           "train.trees_per_prompt=2", "sampler.num_steps=4", "data.eval_size=2",
-                           "sampler.eval_steps=2", "log.eval_every=1", "log.sample_every=0"],
-                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = _strict_json(done.stdout.strip().splitlines()[-1])
+    base, best and final accuracy, the curves plot, ``--reuse`` of finished runs, and the false-alarm table on
+    noise."""
+    script = [sys.executable, str(ROOT / "scripts" / "bench_reward_hacking.py")]
+    tiny = ["train.steps=2", "train.prompts_per_step=2", "train.trees_per_prompt=2", "sampler.num_steps=4",
+            "data.eval_size=2", "sampler.eval_steps=2", "log.eval_every=1", "log.sample_every=0"]
+
+    def bench(variants: list[str], *args: str) -> dict:
+        done = subprocess.run([*script, "--variants", *variants, "--seeds", "0", "--root", str(tmp_path), *args],
+                              capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return _strict_json(done.stdout.strip().splitlines()[-1])
+
+    result = bench(["none", "stop"], *tiny)
+    # --reuse reads the finished runs of the same configuration; a changed setting trains again
+    summaries = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+    assert bench(["none", "stop"], "--reuse", *tiny)["runs"] == result["runs"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")} == summaries
+    bench(["none"], "--reuse", *tiny[:-1], "log.sample_every=2")
+    none = tmp_path / "none-seed0" / "summary.json"
+    assert none.stat().st_mtime_ns != summaries[none]
     assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("none", 0), ("stop", 0)]
     for r in result["runs"]:
         assert 0.0 <= r["best"] <= 1.0 and r["best"] >= r["base"] and [e["step"] for e in r["evals"]][:2] == [0, 1]
