@@ -122,3 +122,27 @@ def test_throughput_benchmark_compares_levers_with_eager_and_ends_with_its_json_
     assert result["tree_vs_flat_rollout"] == round(rows["rollout_tree"]["eager"]["per_s"] /
                                                    rows["rollout_flat"]["eager"]["per_s"], 3)
     assert result["train_speedup"] is None  # train_ppo did not run
+
+
+@pytest.mark.slow
+def test_main_job_benchmark_compares_variants_and_two_processes_do_the_same_math(tmp_path):
+    """bench_main_job.py at a tiny size with a one-process and a two-process variant: a row per (variant, seed), the
+    ratios to the first variant, the JSON contract; the two processes draw the same rollouts, so the first step's
+    rewards agree."""
+    tiny = ["train.steps=1", "train.prompts_per_step=2", "train.trees_per_prompt=2", "sampler.num_steps=4",
+            "sampler.eval_steps=2", "data.eval_size=2", "data.eval_seeds=1", "log.sample_every=0",
+            "log.tensorboard=false"]
+    done = subprocess.run([sys.executable, "scripts/bench_main_job.py", "--seeds", "0", "--variants", "one",
+                           "two:processes=2", "--root", str(tmp_path), *tiny],
+                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = _strict_json(done.stdout.strip().splitlines()[-1])
+    assert [(r["variant"], r["processes"]) for r in result["all_runs"]] == [("one", 1), ("two", 2)]
+    assert [r["variant"] for r in result["runs"]] == ["one"] and result["gain_mean"] == result["runs"][0]["gain"]
+    assert result["variants"]["one"]["run_ratio"] == 1.0 and result["variants"]["two"]["run_ratio"] > 0
+    first = [json.loads((tmp_path / f"{v}-seed0" / "metrics.jsonl").read_text().splitlines()[0])
+             for v in ("one", "two")]
+    assert first[0]["reward_mean"] == pytest.approx(first[1]["reward_mean"], abs=1e-6)
+    bad = subprocess.run([sys.executable, "scripts/bench_main_job.py", "--variants", "x:processes=0"], cwd=ROOT,
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "processes must be a whole number >= 1" in bad.stderr
