@@ -8,7 +8,9 @@ Each seed runs ``diffrl train configs/tiny_shapes.yaml train.seed=S log.eval_eve
 (under --root). The extra evaluation at step 15 draws no training randomness, so the final accuracy is the main
 job's. A variant is ``NAME`` or ``NAME:key=value,...``: config overrides, and ``processes=N``, which launches the
 run as N local processes (``torch.distributed.run``, gloo; each with cores / N torch threads; the same math as one
-process, split over the processes). Runs go one after the other, seed by seed, the variants of a seed in a row.
+process, split over the processes). Runs go one after the other, seed by seed, the variants of a seed in a row;
+each starts from an empty torch.compile (inductor) cache, as on a fresh machine, so a compiled variant's time
+includes its compiling.
 The table gives base accuracy, every evaluation's, final accuracy, the gain, the run's own time (``summary.json``:
 build, evaluations, training, export) and the process's wall time; then per variant the mean gain, its spread
 (max - min), the mean times and their ratio to the first variant; then one JSON line (``runs``, ``gain_mean`` and
@@ -20,9 +22,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -55,12 +59,16 @@ def run(variant: str, seed: int, root: str, extra: list[str]) -> dict:
     """One main-job run of ``variant`` at ``seed``; its accuracies and times."""
     name, overrides, processes = parse_variant(variant)
     out = os.path.join(root, f"{name}-seed{seed}")
-    env = dict(os.environ)
+    cache = tempfile.mkdtemp(prefix="inductor-cache-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     if processes > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     t0 = time.time()
-    subprocess.run([*command(processes), "train", "configs/tiny_shapes.yaml", f"train.seed={seed}", "log.eval_every=15",
-                    *extra, *overrides, "--out", out, "--overwrite"], check=True, env=env)
+    try:
+        subprocess.run([*command(processes), "train", "configs/tiny_shapes.yaml", f"train.seed={seed}",
+                        "log.eval_every=15", *extra, *overrides, "--out", out, "--overwrite"], check=True, env=env)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     wall = round(time.time() - t0, 1)
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
