@@ -11,15 +11,15 @@ Workloads (each one RL step's worth of work on the main job's recipe, ``configs/
 - ``train_nft``, ``train_awm``: the forward-process updates of the main job (DiffusionNFT, AWM; KL 0.1):
   training points (leaf x noise level) per second.
 
-Levers are config overrides (``LEVERS``; ``NAME:key=value,...`` adds a variant). Every lever's runs are built
-first, each workload is called once untimed (a compiled lever compiles there: reported as ``warmup_s``), then the
-repeats run interleaved (eager, lever, eager, lever, ...) and each lever's median throughput is divided by
-eager's. Ends with one JSON line: ``rollout_speedup`` and ``train_speedup`` (the best lever's ratio on
-``rollout_flat`` and ``train_ppo``), ``tree_vs_flat_rollout`` (eager leaves/s of the tree over the flat chains), and
-every number.
+Levers are config overrides (``LEVERS``; ``NAME:key=value,...`` adds a variant). Each lever runs in a process of
+its own, one after the other (``--in-process``: all in this one, calls interleaved, eager, lever, eager, ...); a
+lever's runs are built, each workload is called once untimed (a compiled lever compiles there: reported as
+``warmup_s``), then ``--repeats`` timed calls, and each lever's median throughput is divided by eager's. Ends with
+one JSON line: ``rollout_speedup`` and ``train_speedup`` (the best lever's ratio on ``rollout_flat`` and
+``train_ppo``), ``tree_vs_flat_rollout`` (eager leaves/s of the tree over the flat chains), and every number.
 
     python scripts/bench_throughput.py [--levers eager compile] [--workloads ...] [--repeats 3] [--threads N]
-                                       [key=value ...]   # overrides for every workload, after its own
+                                       [--in-process] [key=value ...]   # overrides for every workload
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +92,45 @@ def workload(name: str, lever: str, out: Path, extra: list[str]) -> tuple[Callab
     return call, int(mask.sum()) * (1 if cfg.train.objective == "ppo" else levels_per_leaf(cfg.sampler))
 
 
+def measure(levers: list[str], workloads: list[str], repeats: int, overrides: list[str]) -> dict[str, dict[str, dict]]:
+    """``{workload: {lever: {items, median_s, per_s, warmup_s}}}``: every lever's runs built, each workload called
+    once untimed, then ``repeats`` calls interleaved over the levers (eager, lever, eager, lever, ...)."""
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in workloads:
+            calls = {}
+            for lever in levers:
+                call, items = workload(name, lever, Path(tmp) / f"{name}-{lever.replace(':', '_')}", overrides)
+                warmup = call()
+                calls[lever] = (call, items, warmup)
+            times: dict[str, list[float]] = {lever: [] for lever in levers}
+            for _ in range(repeats):
+                for lever in levers:
+                    times[lever].append(calls[lever][0]())
+            results[name] = {}
+            for lever in levers:
+                med, items = statistics.median(times[lever]), calls[lever][1]
+                results[name][lever] = {"items": items, "median_s": round(med, 3), "per_s": round(items / med, 2),
+                                        "warmup_s": round(calls[lever][2], 2)}
+    return results
+
+
+def isolated(levers: list[str], workloads: list[str], repeats: int, overrides: list[str]) -> dict[str, dict[str, dict]]:
+    """``measure`` with each lever in a process of its own (``--only``), one after the other: no lever's threads
+    or compiled kernels share a process with another's calls (interleaved in one process, eager calls after
+    compiled ones ran slower on a 2-core CPU and inflated the compiled lever's ratio)."""
+    results: dict[str, dict[str, dict]] = {name: {} for name in workloads}
+    for lever in levers:
+        threads = ["--threads", str(torch.get_num_threads())]
+        done = subprocess.run([sys.executable, __file__, "--only", lever, *threads, "--workloads", *workloads,
+                               "--repeats", str(repeats), *overrides], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"lever {lever!r} failed:\n{done.stderr[-3000:]}")
+        for name, row in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            results[name][lever] = row[lever]
+    return results
+
+
 def main() -> None:
     from diffrl.eval_report import machine
 
@@ -98,36 +139,28 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per lever and workload (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="all levers in this process, calls interleaved (default: each lever in a process of its own)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # --isolate's child: one lever, JSON out
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only:
+        print(json.dumps(measure([args.only], args.workloads, args.repeats, args.overrides)))
+        return
     levers = list(dict.fromkeys(["eager", *args.levers]))
     for lever in levers:
         lever_overrides(lever)
-    results: dict[str, dict[str, dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.workloads:
-            calls = {}
-            for lever in levers:
-                call, items = workload(name, lever, Path(tmp) / f"{name}-{lever.replace(':', '_')}",
-                                       args.overrides)
-                warmup = call()
-                calls[lever] = (call, items, warmup)
-            times: dict[str, list[float]] = {lever: [] for lever in levers}
-            for _ in range(args.repeats):
-                for lever in levers:
-                    times[lever].append(calls[lever][0]())
-            results[name] = {}
-            for lever in levers:
-                med, items = statistics.median(times[lever]), calls[lever][1]
-                results[name][lever] = {"items": items, "median_s": round(med, 3), "per_s": round(items / med, 2),
-                                        "warmup_s": round(calls[lever][2], 2)}
-            base = results[name]["eager"]["per_s"]
-            for lever in levers:
-                results[name][lever]["speedup"] = round(results[name][lever]["per_s"] / base, 3)
+    run_levers = measure if args.in_process else isolated
+    results = run_levers(levers, args.workloads, args.repeats, args.overrides)
+    for name in results:
+        base = results[name]["eager"]["per_s"]
+        for lever in levers:
+            results[name][lever]["speedup"] = round(results[name][lever]["per_s"] / base, 3)
     where = f"{machine('cpu')}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    print(f"\n{where}; medians of {args.repeats} interleaved calls; speed-up = lever / eager\n")
+    how = "interleaved calls in one process" if args.in_process else "each lever in its own process"
+    print(f"\n{where}; medians of {args.repeats} calls, {how}; speed-up = lever / eager\n")
     print("| workload | items per call | " + " | ".join(f"{lv} /s (x eager; first call s)" for lv in levers) + " |")
     print("|---|---:|" + "---:|" * len(levers))
     for name, row in results.items():
@@ -144,6 +177,7 @@ def main() -> None:
         tree_vs_flat = round(results["rollout_tree"]["eager"]["per_s"] / results["rollout_flat"]["eager"]["per_s"], 3)
     print(json.dumps({"rollout_speedup": best("rollout_flat"), "train_speedup": best("train_ppo"),
                       "tree_vs_flat_rollout": tree_vs_flat, "machine": where, "repeats": args.repeats,
+                      "in_process": args.in_process,
                       "overrides": args.overrides, "results": results}))
 
 
