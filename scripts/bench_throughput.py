@@ -117,8 +117,7 @@ def measure(levers: list[str], workloads: list[str], repeats: int, overrides: li
 
 def isolated(levers: list[str], workloads: list[str], repeats: int, overrides: list[str]) -> dict[str, dict[str, dict]]:
     """``measure`` with each lever in a process of its own (``--only``), one after the other: no lever's threads
-    or compiled kernels share a process with another's calls (interleaved in one process, eager calls after
-    compiled ones ran slower on a 2-core CPU and inflated the compiled lever's ratio)."""
+    or compiled kernels share a process with another's calls."""
     results: dict[str, dict[str, dict]] = {name: {} for name in workloads}
     for lever in levers:
         threads = ["--threads", str(torch.get_num_threads())]
