@@ -460,6 +460,12 @@ def log_step(run: Run, state: TrainState, metrics: dict) -> None:
     run.tracker.log_scalars(scalars, metrics["step"])
 
 
+def guard_acts(run: Run) -> bool:
+    """Whether a guard may stop or roll back the run (``train.guard.action`` other than warn), so the checkpoints it
+    would go back to must exist."""
+    return run.guards is not None and run.cfg.train.guard.action != "warn"
+
+
 def save_checkpoint(run: Run, state: TrainState) -> None:
     """The trained weights, EMA, optimizer, history and guard state, written atomically by the first process;
     sharded (FSDP), every process writes its own shards into the same checkpoint (``torch.distributed.checkpoint``).
@@ -468,7 +474,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     keep: list[int] = []
     if run.guards is not None:
         meta["guards"] = run.guards.state_dict()
-        if run.cfg.train.guard.action != "warn":
+        if guard_acts(run):
             keep = [run.guards.alarm.return_step()]
             if run.cfg.log.eval_every > 0:  # what a stop would export (``_export_step``)
                 keep += run.guards.alarm.export_steps(state.evals, state.step)
@@ -704,7 +710,7 @@ def begin(run: Run, resume: bool, changes: Optional[dict] = None) -> TrainState:
         state.base_accuracy = base["accuracy"]
         state.evals.append({"step": 0, **base})
         write_grid(run, state)
-        if run.guards is not None and run.cfg.train.guard.action != "warn":
+        if guard_acts(run):
             save_checkpoint(run, state)  # a drop before the first checkpoint returns to the base model
     return state
 
@@ -723,8 +729,8 @@ def after_step(run: Run, state: TrainState, metrics: dict) -> None:
     if log_cfg.sample_every and state.step % log_cfg.sample_every == 0:
         with Swap(run.adapter, state.ema):
             write_grid(run, state)
-    stoppable = run.guards is not None and run.cfg.train.guard.action != "warn"  # a stop may export what it evaluated
-    if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps or (evaluated and stoppable):
+    exportable = evaluated and guard_acts(run)  # a stop may export what was evaluated
+    if state.step % log_cfg.checkpoint_every == 0 or state.step == run.cfg.train.steps or exportable:
         save_checkpoint(run, state)
 
 

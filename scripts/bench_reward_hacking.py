@@ -11,8 +11,8 @@ evaluations every 5 steps), then the variant's own (``NAME`` from ``VARIANTS``, 
 the command line's. ``--jobs 2`` runs two at a time with one torch thread each (the comparison is of accuracies,
 not times). ``--reuse`` reads a run whose directory already holds a finished run of the same configuration instead
 of training it again (a benchmark cut short resumes where it stopped). Prints a table per run and the means per
-variant, writes ``curves.png`` under ``--root`` (the proxy
-and the strict verifier over the steps, one colour per variant, seed 0 solid) and ends with one JSON line.
+variant, writes ``curves.png`` under ``--root`` (the proxy and the strict verifier over the steps, one colour per
+variant, seed 0 solid) and ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+CONFIG = "configs/tiny_shapes.yaml"
 PROXY = "jpeg_compressibility"
 SHARED = [f"rewards={{{PROXY}: 1.0}}", 'train.guard_rewards={"shapes": 1.0}', "log.eval_every=5",
           "data.eval_seeds=1", "train.steps=20", "train.prompts_per_step=8", "log.sample_every=5",
@@ -52,15 +53,14 @@ def overrides_of(variant: str) -> list[str]:
 
 
 def finished_with(out: Path, overrides: list[str]) -> bool:
-    """Whether ``out`` holds a finished run (``summary.json``) of ``configs/tiny_shapes.yaml`` with ``overrides``."""
+    """Whether ``out`` holds a finished run (``summary.json``) of ``CONFIG`` with ``overrides``."""
     import yaml
 
     from diffrl.config import load_config, to_dict
 
     if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
         return False
-    return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(load_config("configs/tiny_shapes.yaml",
-                                                                                    overrides))
+    return yaml.safe_load((out / "config.yaml").read_text()) == to_dict(load_config(CONFIG, overrides))
 
 
 def run(variant: str, seed: int, root: Path, extra: list[str], threads: int, reuse: bool = False) -> dict:
@@ -70,7 +70,7 @@ def run(variant: str, seed: int, root: Path, extra: list[str], threads: int, reu
     overrides = [f"train.seed={seed}", *SHARED, *overrides_of(variant), *extra]
     if not (reuse and finished_with(out, overrides)):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        done = subprocess.run([sys.executable, "-m", "diffrl", "train", "configs/tiny_shapes.yaml", *overrides,
+        done = subprocess.run([sys.executable, "-m", "diffrl", "train", CONFIG, *overrides,
                                "--out", str(out), "--overwrite"], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")

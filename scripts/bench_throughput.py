@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--in-process", action="store_true",
                     help="all levers in this process, calls interleaved (default: each lever in a process of its own)")
-    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # --isolate's child: one lever, JSON out
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the child process of one lever: JSON out
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.threads:
