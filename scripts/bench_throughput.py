@@ -20,6 +20,11 @@ one JSON line: ``rollout_speedup`` and ``train_speedup`` (the best lever's ratio
 
     python scripts/bench_throughput.py [--levers eager compile] [--workloads ...] [--repeats 3] [--threads N]
                                        [--in-process] [key=value ...]   # overrides for every workload
+    python scripts/bench_throughput.py --profile [--workloads ...]   # where an eager call's time goes
+
+``--profile`` times no lever: it profiles one eager call of each workload and prints its operators' own CPU time by
+class (matmul, attention, gelu, copies, other) and the bound ``total / matmul``: what any lever that leaves the
+matmuls as they are (identical math) can gain at most.
 """
 from __future__ import annotations
 
@@ -130,6 +135,44 @@ def isolated(levers: list[str], workloads: list[str], repeats: int, overrides: l
     return results
 
 
+OP_CLASSES: dict[str, tuple[str, ...]] = {
+    "matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product", "aten::_flash_attention"),
+    "gelu": ("aten::gelu",),
+    "copies": ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"),
+}
+"""Operator class -> the name prefixes of its aten operators (``--profile``); every other operator is ``other``."""
+
+
+def op_class(name: str) -> str:
+    """The class of an operator (``OP_CLASSES``), ``other`` if none."""
+    return next((c for c, prefixes in OP_CLASSES.items() if name.startswith(prefixes)), "other")
+
+
+def profile_shares(call: Callable[[], float]) -> dict[str, float]:
+    """One profiled call's CPU time by operator class: ``{class: seconds}`` of the operators' own (self) time, plus
+    ``total``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    seconds = {c: 0.0 for c in [*OP_CLASSES, "other"]}
+    for event in prof.key_averages():
+        seconds[op_class(event.key)] += event.self_cpu_time_total / 1e6
+    return {**seconds, "total": sum(seconds.values())}
+
+
+def profile_workloads(workloads: list[str], overrides: list[str]) -> dict[str, dict[str, float]]:
+    """``--profile``: each workload's eager call, once untimed, then once under the profiler."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in workloads:
+            call, _ = workload(name, "eager", Path(tmp) / name, overrides)
+            call()
+            out[name] = profile_shares(call)
+    return out
+
+
 def main() -> None:
     from diffrl.eval_report import machine
 
@@ -140,6 +183,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--in-process", action="store_true",
                     help="all levers in this process, calls interleaved (default: each lever in a process of its own)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing levers: where one eager call's CPU time goes, by operator class")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the child process of one lever: JSON out
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -147,6 +192,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.only:
         print(json.dumps(measure([args.only], args.workloads, args.repeats, args.overrides)))
+        return
+    if args.profile:
+        shares = profile_workloads(args.workloads, args.overrides)
+        classes = [*OP_CLASSES, "other"]
+        print(f"\n{machine('cpu')}, {torch.get_num_threads()} torch threads; one eager call per workload, operators' "
+              "own CPU time; bound = total / matmul (the speed-up if everything but the matmuls took no time)\n")
+        print("| workload | total s | " + " | ".join(classes) + " | bound |\n|---|---:|" + "---:|" * (len(classes) + 1))
+        for name, sec in shares.items():
+            cells = [f"{sec[c]:.2f} ({sec[c] / sec['total']:.0%})" for c in classes]
+            bound = f"{sec['total'] / sec['matmul']:.2f}x" if sec["matmul"] > 0 else "-"
+            print(f"| {name} | {sec['total']:.2f} | " + " | ".join(cells) + f" | {bound} |")
+        rounded = {name: {c: round(v, 4) for c, v in sec.items()} for name, sec in shares.items()}
+        print(json.dumps({"profile": rounded, "machine": machine("cpu"), "overrides": args.overrides}))
         return
     levers = list(dict.fromkeys(["eager", *args.levers]))
     for lever in levers:

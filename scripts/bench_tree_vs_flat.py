@@ -1,10 +1,12 @@
 """Tree rollouts vs flat GRPO on the embedded model: reward against wall-clock time, same leaves per prompt.
 
 Runs a config (default: the clipped-ratio tree recipe ``configs/tiny_shapes_tree.yaml``) twice with the same
-prompts, seeds, steps and leaves per prompt: once with a tree (``--splits``, default the config's
-``sampler.split_steps``; 1 tree per prompt; depth-wise advantages for the clipped ratio, leaf GRPO for DiffusionNFT,
-which trains on leaves) and once flat (no splits, as many chains per prompt as the tree has leaves, group
-z-scored). The target is the flat run's final reward (its trailing mean over the last ``SMOOTH`` steps: what flat
+prompts, seeds, steps and leaves per prompt: once with trees (``--splits``, default the config's
+``sampler.split_steps``; ``--trees-per-prompt`` trees per prompt, 1 by default, more make a forest; depth-wise
+advantages for the clipped ratio, leaf GRPO for DiffusionNFT, which trains on leaves) and once flat (no splits, as
+many chains per prompt as the trees have leaves, group z-scored). ``--parallel`` runs the two at once, each in a
+process of its own with half the cores' threads, so both meet the same machine (and take half the wall time).
+The target is the flat run's final reward (its trailing mean over the last ``SMOOTH`` steps: what flat
 GRPO reaches on the budget); each run's time to target is the rollout and training time up to the first step whose
 trailing mean over a full window of ``SMOOTH`` steps reaches it (a window of one or two steps' rewards, which swing
 with the prompts, would let a lucky first step count). Prints a table and one JSON line; with ``--out`` keeps both
@@ -12,6 +14,7 @@ run directories there and writes ``tree_vs_flat.png`` (smoothed reward against w
 
     python scripts/bench_tree_vs_flat.py [--steps 30] [--out DIR] [key=value overrides ...]
     python scripts/bench_tree_vs_flat.py --config configs/tiny_shapes.yaml --splits 0,1,2   # the main job (NFT)
+    python scripts/bench_tree_vs_flat.py --config configs/tiny_shapes.yaml --splits 3 --trees-per-prompt 4 --parallel
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -31,13 +36,41 @@ from diffrl.viz import line_plot, running_mean
 SMOOTH = 5
 
 
-def run(config: str, overrides: list[str], out: str) -> tuple[list[dict], dict]:
-    """One training run: its per-step metrics and its summary.json."""
-    train(load_config(config, overrides), out=out, overwrite=True)
+def arms(leaves: int, trees_per_prompt: int, objective: str) -> dict[str, list[str]]:
+    """The two runs' own overrides: ``trees_per_prompt`` trees of ``leaves`` leaves per prompt (depth-wise advantages
+    for the clipped ratio, leaf GRPO otherwise), and flat chains, as many per prompt as the trees' leaves."""
+    tree_adv = "tree" if objective == "ppo" else "grpo"
+    return {"tree": [f"train.trees_per_prompt={trees_per_prompt}", f"train.advantage={tree_adv}"],
+            "flat": ["sampler.split_steps=[]", f"train.trees_per_prompt={trees_per_prompt * leaves}",
+                     "train.advantage=grpo"]}
+
+
+def results(out: str) -> tuple[list[dict], dict]:
+    """A finished run's per-step metrics and its summary.json."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     with open(os.path.join(out, "summary.json")) as f:
         return metrics, json.load(f)
+
+
+def run_both(config: str, runs: dict[str, list[str]], root: str, parallel: bool) -> dict[str, tuple[list[dict], dict]]:
+    """Each named run (its overrides) in ``root/<name>``: one after the other in this process, or with ``parallel``
+    all at once, each ``diffrl train`` in a process of its own with ``cores / len(runs)`` threads."""
+    outs = {name: os.path.join(root, name) for name in runs}
+    if not parallel:
+        for name, overrides in runs.items():
+            train(load_config(config, overrides), out=outs[name], overwrite=True)
+        return {name: results(out) for name, out in outs.items()}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(runs)))}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "diffrl", "train", config, *overrides, "--out",
+                                     outs[name], "--overwrite"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, overrides in runs.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"the {name} run failed:\n{err[-3000:]}")
+    return {name: results(out) for name, out in outs.items()}
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -68,6 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--config", default="configs/tiny_shapes_tree.yaml")
     ap.add_argument("--splits", help="the tree's split steps, comma-separated (default: the config's)")
+    ap.add_argument("--trees-per-prompt", type=int, default=1, help="trees per prompt (more than 1: a forest)")
+    ap.add_argument("--parallel", action="store_true", help="tree and flat runs at once, half the threads each")
     ap.add_argument("--out", help="keep both run directories here (tree/, flat/) and write tree_vs_flat.png")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -81,15 +116,12 @@ def main() -> None:
     if not cfg.sampler.split_steps:
         raise SystemExit(f"{args.config} has no sampler.split_steps: name the tree's with --splits, "
                          "e.g. --splits 0,1,2")
+    if args.trees_per_prompt < 1:
+        raise SystemExit(f"--trees-per-prompt must be at least 1, got {args.trees_per_prompt}")
     leaves = TreeSchedule(cfg.sampler.num_steps, cfg.sampler.split_steps, cfg.sampler.branch_factor).num_leaves
-    tree_adv = "tree" if cfg.train.objective == "ppo" else "grpo"
+    own = arms(leaves, args.trees_per_prompt, cfg.train.objective)
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.out or tmp
-        tree = run(args.config, common + ["train.trees_per_prompt=1", f"train.advantage={tree_adv}"],
-                   os.path.join(root, "tree"))
-        flat = run(args.config, common + ["sampler.split_steps=[]", f"train.trees_per_prompt={leaves}",
-                                          "train.advantage=grpo"], os.path.join(root, "flat"))
-    runs = {"tree": tree, "flat": flat}
+        runs = run_both(args.config, {name: common + o for name, o in own.items()}, args.out or tmp, args.parallel)
     curves = {name: smoothed([m["reward_mean"] for m in ms]) for name, (ms, _) in runs.items()}
     target = curves["flat"][-1]
     if args.out:
@@ -117,7 +149,8 @@ def main() -> None:
         print(f"| {name} | {r['nfe_per_step']} | {r['s_per_step']} | {ttt} | {r['final_reward']} | "
               f"{r['base_accuracy']:.3f} -> {r['final_accuracy']:.3f} |")
     print(json.dumps({"target": target, "time_ratio": ratio, **rows, "steps": args.steps, "config": args.config,
-                      "leaves": leaves, "machine": f"{platform.machine()} / {os.cpu_count()} cpus"}))
+                      "leaves": leaves, "trees_per_prompt": args.trees_per_prompt, "parallel": args.parallel,
+                      "machine": f"{platform.machine()} / {os.cpu_count()} cpus"}))
 
 
 if __name__ == "__main__":

@@ -146,3 +146,34 @@ def test_main_job_benchmark_compares_variants_and_two_processes_do_the_same_math
     bad = subprocess.run([sys.executable, "scripts/bench_main_job.py", "--variants", "x:processes=0"], cwd=ROOT,
                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "processes must be a whole number >= 1" in bad.stderr
+
+
+def _bench_throughput():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "scripts" / "bench_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_classes_a_known_workload():
+    """--profile's accounting on a hand-built call: two matmuls, one gelu, one copy; every class gets time only
+    from its own operators and the classes add up to the total."""
+    import torch
+
+    bt = _bench_throughput()
+    assert [bt.op_class(n) for n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::gelu_backward",
+                                     "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::copy_",
+                                     "aten::mul")] == ["matmul", "matmul", "matmul", "gelu", "attention", "copies",
+                                                       "other"]
+    a, b = torch.randn(256, 256), torch.empty(256, 256)
+
+    def call() -> float:
+        torch.nn.functional.gelu(a @ a @ a)
+        b.copy_(a)
+        return 0.0
+
+    sec = bt.profile_shares(call)
+    assert sec["matmul"] > 0 and sec["gelu"] > 0 and sec["copies"] > 0 and sec["attention"] == 0
+    assert sec["total"] == pytest.approx(sum(v for k, v in sec.items() if k != "total"))
