@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests_helpers import ROOT, SUBPROCESS_ENV
+from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
 
 
 def test_family_benchmark_runs_on_tiny_configs():
@@ -148,21 +148,12 @@ def test_main_job_benchmark_compares_variants_and_two_processes_do_the_same_math
     assert bad.returncode != 0 and "processes must be a whole number >= 1" in bad.stderr
 
 
-def _bench_throughput():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "scripts" / "bench_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_profile_classes_a_known_workload():
     """--profile's accounting on a hand-built call: two matmuls, one gelu, one copy; every class gets time only
     from its own operators and the classes add up to the total."""
     import torch
 
-    bt = _bench_throughput()
+    bt = load_script("bench_throughput")
     assert [bt.op_class(n) for n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::gelu_backward",
                                      "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::copy_",
                                      "aten::mul")] == ["matmul", "matmul", "matmul", "gelu", "attention", "copies",

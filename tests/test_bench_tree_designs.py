@@ -1,25 +1,16 @@
 """scripts/bench_tree_designs.py: design parsing, the group spread by hand, NFE per leaf against the tree's formula,
 and the table and JSON contract on a tiny run."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests_helpers import ROOT, load_script
+
 TINY = ["train.prompts_per_step=2", "sampler.num_steps=4", "sampler.sde_window=null", "data.eval_size=2"]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_tree_designs", ROOT / "scripts" / "bench_tree_designs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-btd = _load()
+btd = load_script("bench_tree_designs")
 
 
 def test_designs_keep_bracketed_lists_whole():

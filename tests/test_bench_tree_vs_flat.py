@@ -24,6 +24,14 @@ def test_time_to_target_needs_a_full_window():
     assert bench.time_to(0.7, metrics) is None
 
 
+def test_a_forest_is_compared_with_as_many_flat_chains_as_its_leaves():
+    arms = load_script("bench_tree_vs_flat").arms(leaves=2, trees_per_prompt=4, objective="nft")
+    assert arms == {"tree": ["train.trees_per_prompt=4", "train.advantage=grpo"],
+                    "flat": ["sampler.split_steps=[]", "train.trees_per_prompt=8", "train.advantage=grpo"]}
+    assert load_script("bench_tree_vs_flat").arms(8, 1, "ppo")["tree"] == ["train.trees_per_prompt=1",
+                                                                            "train.advantage=tree"]
+
+
 def test_flat_config_needs_splits():
     done = subprocess.run([sys.executable, "scripts/bench_tree_vs_flat.py", "--config", "configs/tiny_shapes.yaml"],
                           capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=ROOT)
