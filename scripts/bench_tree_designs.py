@@ -101,10 +101,9 @@ def measure(designs: list[str], batches: int, extra: list[str], root: Path) -> l
             spreads[i].append((*group_spread(rewards, cfg.train.prompts_per_step), rewards.mean().item()))
     rows = []
     for (name, overrides, cfg, run), secs, spread in zip(built, times, spreads):
-        trees = cfg.train.prompts_per_step * cfg.train.trees_per_prompt
-        leaves = trees * run.schedule.num_leaves
+        leaves = cfg.train.prompts_per_step * cfg.train.trees_per_prompt * run.schedule.num_leaves
         rows.append({"name": name, "overrides": overrides, "leaves": leaves,
-                     "nfe_per_leaf": round(run.schedule.nfe * trees / leaves, 3),
+                     "nfe_per_leaf": round(run.schedule.nfe / run.schedule.num_leaves, 3),
                      "leaves_per_s": round(leaves / statistics.median(secs), 2),
                      "group_std": round(statistics.mean(s[0] for s in spread), 4),
                      "groups_with_spread": round(statistics.mean(s[1] for s in spread), 3),

@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -62,14 +63,16 @@ def run_both(config: str, runs: dict[str, list[str]], root: str, parallel: bool)
             train(load_config(config, overrides), out=outs[name], overwrite=True)
         return {name: results(out) for name, out in outs.items()}
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(runs)))}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "diffrl", "train", config, *overrides, "--out",
-                                     outs[name], "--overwrite"], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, overrides in runs.items()}
-    for name, proc in procs.items():
-        _, err = proc.communicate()
+
+    def launch(name: str) -> subprocess.CompletedProcess:  # each run's stderr drained by its own thread
+        return subprocess.run([sys.executable, "-m", "diffrl", "train", config, *runs[name], "--out", outs[name],
+                               "--overwrite"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        done = dict(zip(runs, pool.map(launch, runs)))
+    for name, proc in done.items():
         if proc.returncode != 0:
-            raise SystemExit(f"the {name} run failed:\n{err[-3000:]}")
+            raise SystemExit(f"the {name} run failed:\n{proc.stderr[-3000:]}")
     return {name: results(out) for name, out in outs.items()}
 
 
