@@ -2,7 +2,8 @@
 
 The math lives in small pure-torch modules: ``sde`` (steps with log-probs), ``schedule`` (sigmas, SDE windows),
 ``tree`` (branching trees), ``rollout`` (the batched tree rollout engine), ``advantages``, ``loss``, ``guidance``
-and ``quant`` (FP8/FP4 grids, candidate selection); ``explore`` and ``guide`` run them through a model.
+(the RL-guidance and CFG combines), ``quant`` (FP8/FP4 grids) and ``selection`` (which previewed candidates to
+regenerate); ``explore`` and ``guided_sampling`` run them through a model.
 """
 from diffrl.advantages import depthwise_advantages, gdpo_advantages, group_advantages, rloo_advantages
 from diffrl.guidance import rl_guidance

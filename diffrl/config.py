@@ -494,6 +494,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           "if it is a string") from None
 
 
+def named_overrides(text: str) -> tuple[str, list[str]]:
+    """``"NAME:key=value,key=value"`` (a benchmark's variant) -> (NAME, ["key=value", ...]); commas inside brackets
+    or braces belong to a value (``sampler.split_steps=[0,1,2]``). ConfigError in one sentence for an item that is
+    not key=value."""
+    name, _, own = text.partition(":")
+    items, depth, item = [], 0, ""
+    for ch in own:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(item)
+            item = ""
+        else:
+            item += ch
+    if item:
+        items.append(item)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{text!r}: {item!r} is not key=value")
+    return name, items
+
+
 def _nest(keys: list[str], value: Any) -> dict:
     return {keys[0]: value} if len(keys) == 1 else {keys[0]: _nest(keys[1:], value)}
 

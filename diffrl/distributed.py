@@ -12,6 +12,7 @@ by every process into the same directory, so on several nodes ``--out`` must be 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -144,6 +145,21 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         g /= dist.get_world_size()
         if g is not p.grad:
             p.grad.copy_(g)
+
+
+def from_first_process(obj: Optional[dict] = None) -> dict:
+    """The first process's ``obj`` (a JSON-serialisable dict) on every process: sent as UTF-8 JSON bytes, so nothing
+    is unpickled. ``obj`` itself with one process; the other processes' argument is ignored."""
+    if not dist.is_initialized():
+        return obj
+    dev = comm_device()
+    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=dev)
+    dist.broadcast(size, src=0)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if dist.get_rank() == 0
+           else torch.empty(int(size), dtype=torch.uint8, device=dev))
+    dist.broadcast(buf, src=0)
+    return json.loads(buf.cpu().numpy().tobytes().decode())
 
 
 def barrier() -> None:

@@ -26,7 +26,7 @@ from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import first_process, gather_rows, max_over_processes, mean_over_processes, setup, shutdown
+from diffrl.distributed import first_process, from_first_process, gather_rows, mean_over_processes, setup, shutdown
 from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.finite import NonFiniteError, check_finite
@@ -38,7 +38,7 @@ from diffrl.model_card import write_card
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import mix_window_start, subsample_steps, window_mask
-from diffrl.scoring import check_valid, score_batch, score_samples, submit
+from diffrl.scoring import RewardError, check_valid, score_batch, score_samples, submit
 from diffrl.seeding import mix_seed
 from diffrl.selection import mean_spearman, select_candidates
 from diffrl.state import Batch, Run, Swap, TrainState
@@ -48,6 +48,8 @@ from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
+_EVAL_FAILED = "evaluation_failed"
+"""The key under which the first process tells the others that its evaluation raised (``evaluate``)."""
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -408,11 +410,12 @@ def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
 
 
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Union[Tensor, dict]:
-    """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG. Sharded (FSDP), every
-    process samples a contiguous share of the prompts (padded to equal shares: each forward is a collective) and the
-    media are gathered, so each process gets what one process would have sampled alone, N times sooner."""
+    """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG. With several processes
+    (DDP or FSDP), every process samples a contiguous share of the prompts (padded to equal shares: sharded, each
+    forward is a collective) and the media are gathered, so each process gets what one process would have sampled
+    alone, N times sooner."""
     s = run.cfg.sampler
-    if not run.adapter.sharded:
+    if run.world == 1:
         return sample(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.minibatch, reference)
     n, share = len(prompts), math.ceil(len(prompts) / run.world)
     first = run.rank * share
@@ -427,12 +430,22 @@ def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = Fal
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     """Held-out accuracy of ``data.eval_seeds`` samples per held-out prompt, scored by the run's evaluator
     (``diffrl.evaluation``: the shapes verifier's strict score per kind, or a reward's mean), and the guard rewards'
-    values on the same samples (``guard_<name>``)."""
+    values on the same samples (``guard_<name>``). Every process samples its share (``sample_images``); the first
+    one scores them all, once (a remote evaluator is not called N times), and every process gets its result."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
     media = sample_images(run, prompts, seed=EVAL_SEED, reference=reference)
-    result = run.evaluator(media, prompts)
-    if run.guards is not None:
-        result.update(Guards.metrics(run.guards.score(media, prompts, run.cfg.train.reward_timeout_s)))
+    result: dict = {}
+    if run.rank == 0:
+        try:
+            result = {k: float(v) for k, v in run.evaluator(media, prompts).items()}
+            if run.guards is not None:
+                result.update(Guards.metrics(run.guards.score(media, prompts, run.cfg.train.reward_timeout_s)))
+        except Exception as e:
+            from_first_process({_EVAL_FAILED: str(e)})
+            raise
+    result = from_first_process(result)
+    if _EVAL_FAILED in result:
+        raise RewardError(f"the first process's evaluation failed: {result[_EVAL_FAILED]}")
     return result
 
 
@@ -564,8 +577,7 @@ def train(cfg: Config, out: Optional[str] = None, resume: bool = False,
             stopped = loop(run, state, on_step)
         except NonFiniteError as e:
             raise stop_nonfinite(run, state, e, time.perf_counter() - t_start) from None
-        summary = (finish(run, state, time.perf_counter() - t_start, stopped)
-                   if run.rank == 0 or run.adapter.sharded else {})
+        summary = finish(run, state, time.perf_counter() - t_start, stopped)
     finally:
         lock.release()
         shutdown()
@@ -584,8 +596,7 @@ def loop(run: Run, state: TrainState, on_step: Optional[Callable[[TrainState], N
                 names = run.guards.rewards
                 alarm = run.guards.alarm.observe(state.step, {n: (metrics[f"guard_{n}"], metrics[f"guard_{n}_se"])
                                                               for n in names})
-            if run.rank == 0 or run.adapter.sharded:  # sharded, every process takes part in evaluation and saving
-                after_step(run, state, metrics)
+            after_step(run, state, metrics)
             if run.rank == 0:
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
             stopped = on_alarm(run, state, alarm) if alarm is not None else None
@@ -659,16 +670,13 @@ def on_alarm(run: Run, state: TrainState, alarm: Alarm) -> Optional[dict]:
 def _export_step(run: Run, state: TrainState, alarm: Alarm) -> int:
     """Where a guard's stop exports from (``diffrl.hacking``): the newest evaluated checkpoint the held-out guard
     does not call worse than its best, no further back than a rollback went (checkpoints before it may be pruned),
-    or the alarm's return step when the run evaluates only at step 0. The first process holds the evaluations;
-    every process takes its choice."""
-    step = -1
-    if run.rank == 0 or run.adapter.sharded:
-        evaluated = None
-        if run.cfg.log.eval_every > 0:
-            evaluated = export_step(state.evals, alarm.guard, alarm.threshold, alarm.units, state.step,
-                                    run.guards.alarm.floor)
-        step = alarm.return_step if evaluated is None else evaluated
-    return max_over_processes(step)
+    or the alarm's return step when the run evaluates only at step 0. Every process holds the same evaluations
+    (``evaluate``), so every process makes the same choice."""
+    evaluated = None
+    if run.cfg.log.eval_every > 0:
+        evaluated = export_step(state.evals, alarm.guard, alarm.threshold, alarm.units, state.step,
+                                run.guards.alarm.floor)
+    return alarm.return_step if evaluated is None else evaluated
 
 
 def stop_nonfinite(run: Run, state: TrainState, error: NonFiniteError, wall_s: float) -> NonFiniteError:
@@ -705,19 +713,18 @@ def begin(run: Run, resume: bool, changes: Optional[dict] = None) -> TrainState:
     if run.rank == 0:
         (run.out / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False))
         (run.out / "metrics.jsonl").write_text("")
-    if run.rank == 0 or run.adapter.sharded:
-        base = evaluate(run)
-        state.base_accuracy = base["accuracy"]
-        state.evals.append({"step": 0, **base})
-        write_grid(run, state)
-        if guard_acts(run):
-            save_checkpoint(run, state)  # a drop before the first checkpoint returns to the base model
+    base = evaluate(run)
+    state.base_accuracy = base["accuracy"]
+    state.evals.append({"step": 0, **base})
+    write_grid(run, state)
+    if guard_acts(run):
+        save_checkpoint(run, state)  # a drop before the first checkpoint returns to the base model
     return state
 
 
 def after_step(run: Run, state: TrainState, metrics: dict) -> None:
-    """Periodic evaluation, logging, sample grid and checkpoint (the first process; sharded, every process samples
-    and gathers with it and the first one writes)."""
+    """Periodic evaluation, logging, sample grid and checkpoint: every process samples its share of the evaluation
+    and the grid; the first one writes (sharded, every process writes its shards of the checkpoint)."""
     log_cfg = run.cfg.log
     evaluated = bool(log_cfg.eval_every) and state.step % log_cfg.eval_every == 0 and state.step < run.cfg.train.steps
     if evaluated:
@@ -785,8 +792,10 @@ def finish(run: Run, state: TrainState, wall_s: float, stopped: Optional[dict] =
     final = result["accuracy"]
     if not state.evals or state.evals[-1]["step"] != state.step:
         state.evals.append({"step": state.step, **result})
+    if run.rank != 0 and not run.adapter.sharded:  # it took part in sampling; sharded, in the export's gathers too
+        return {}
     exported = Path(run.adapter.export(str(run.out), state.ema))
-    if run.rank != 0:  # sharded: the other processes only took part in sampling and gathering
+    if run.rank != 0:
         return {}
     events = run.out / "guard_events.jsonl"
     training_curves(state.history, state.evals, run.out / "curves.png",

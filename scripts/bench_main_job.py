@@ -32,12 +32,15 @@ import time
 
 def parse_variant(variant: str) -> tuple[str, list[str], int]:
     """``NAME[:key=value,...]`` -> (name, config overrides, processes)."""
-    name, _, own = variant.partition(":")
+    from diffrl.config import ConfigError, named_overrides
+
+    try:
+        name, items = named_overrides(variant)
+    except ConfigError as e:
+        raise SystemExit(f"variant {e}") from None
     overrides, processes = [], 1
-    for item in own.split(",") if own else []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"variant {variant!r}: {item!r} is not key=value")
+    for item in items:
+        key, _, value = item.partition("=")
         if key == "processes":
             if not value.isdigit() or int(value) < 1:
                 raise SystemExit(f"variant {variant!r}: processes must be a whole number >= 1, got {value!r}")

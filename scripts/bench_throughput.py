@@ -60,10 +60,16 @@ LEVERS: dict[str, list[str]] = {
 
 
 def lever_overrides(lever: str) -> list[str]:
-    name, _, own = lever.partition(":")
+    """``NAME[:key=value,...]`` -> the lever's own overrides, then the added ones."""
+    from diffrl.config import ConfigError, named_overrides
+
+    try:
+        name, own = named_overrides(lever)
+    except ConfigError as e:
+        raise SystemExit(f"lever {e}") from None
     if name not in LEVERS:
         raise SystemExit(f"unknown lever {name!r}; choose from {sorted(LEVERS)} (NAME:key=value,... adds overrides)")
-    return [*LEVERS[name], *(own.split(",") if own else [])]
+    return [*LEVERS[name], *own]
 
 
 def workload(name: str, lever: str, out: Path, extra: list[str]) -> tuple[Callable[[], float], int]:

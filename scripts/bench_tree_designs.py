@@ -47,21 +47,12 @@ without BranchGRPO's larger split noise."""
 
 def parse_design(design: str) -> tuple[str, list[str]]:
     """``NAME[:key=value,...]`` -> (name, overrides). Commas inside brackets belong to a value (``[0,1,2]``)."""
-    name, _, own = design.partition(":")
-    overrides, depth, item = [], 0, ""
-    for ch in own:
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            overrides.append(item)
-            item = ""
-        else:
-            item += ch
-    if item:
-        overrides.append(item)
-    for o in overrides:
-        if "=" not in o:
-            raise SystemExit(f"design {design!r}: {o!r} is not key=value")
-    return name, overrides
+    from diffrl.config import ConfigError, named_overrides
+
+    try:
+        return named_overrides(design)
+    except ConfigError as e:
+        raise SystemExit(f"design {e}") from None
 
 
 def group_spread(rewards: torch.Tensor, prompts: int) -> tuple[float, float]:

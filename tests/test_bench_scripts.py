@@ -168,3 +168,12 @@ def test_profile_classes_a_known_workload():
     sec = bt.profile_shares(call)
     assert sec["matmul"] > 0 and sec["gelu"] > 0 and sec["copies"] > 0 and sec["attention"] == 0
     assert sec["total"] == pytest.approx(sum(v for k, v in sec.items() if k != "total"))
+
+
+def test_variants_and_levers_keep_bracketed_values_whole():
+    bmj, bt = load_script("bench_main_job"), load_script("bench_throughput")
+    assert bmj.parse_variant("v:sampler.split_steps=[0,1],processes=2") == ("v", ["sampler.split_steps=[0,1]"], 2)
+    assert bt.lever_overrides("compile:sampler.split_steps=[0,1]") == ["model.compile=true",
+                                                                        "sampler.split_steps=[0,1]"]
+    with pytest.raises(SystemExit, match="'train.lr' is not key=value"):
+        bt.lever_overrides("eager:train.lr")

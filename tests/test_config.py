@@ -105,3 +105,13 @@ def test_public_api_loads_the_main_job_config_and_exposes_train():
     cfg = diffrl.load_config(str(ROOT / "configs/tiny_shapes.yaml"), ["train.steps=3"])
     assert cfg.train.steps == 3 and cfg.model.path == "assets/tiny-sd3-shapes"
     assert callable(diffrl.train) and "train" in diffrl.__all__
+
+
+def test_named_overrides_keep_bracketed_values_whole_and_name_a_bad_item():
+    from diffrl.config import named_overrides
+
+    assert named_overrides("flat") == ("flat", [])
+    assert named_overrides("t:sampler.split_steps=[0,1,2],rewards={a: 1, b: 2},train.lr=1e-3") == (
+        "t", ["sampler.split_steps=[0,1,2]", "rewards={a: 1, b: 2}", "train.lr=1e-3"])
+    with pytest.raises(ConfigError, match="'train.lr' is not key=value"):
+        named_overrides("x:train.steps=1,train.lr")
