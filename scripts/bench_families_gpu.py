@@ -10,7 +10,14 @@ classifier-free guidance doubles the batch, except FLUX's guidance embedding), t
 Text conditioning is random tensors of the real shapes: the trainer caches prompt embeddings, so the encoders are not
 in the loop. ``--checkpointing`` turns on gradient checkpointing.
 
-    python scripts/bench_families_gpu.py [--batch 4] [--steps 10] [--trained 4] [--checkpointing]
+``--compile`` then compiles the same model in place the way ``model.compile: true`` does (regional: each repeated
+block, ``diffrl.adapters.base.compile_blocks``) and times it again on the same inputs, side by side: the compiled
+iteration, its rollout and training parts, the first (compiling) iteration apart as ``compile_warmup_s``, the
+speedup (eager / compiled seconds per iteration) and the largest difference of one rollout forward's output from
+the eager one's relative to its largest value (``compiled_rel_diff``). ``--compile-backend`` picks torch.compile's
+backend (default inductor; ``aot_eager`` traces without generating kernels, which the CPU smoke test uses).
+
+    python scripts/bench_families_gpu.py [--batch 4] [--steps 10] [--trained 4] [--checkpointing] [--compile]
     python scripts/bench_families_gpu.py --tiny     # the same code on tiny configs on the CPU (a smoke test)
 
 Prints a markdown table and one JSON line.
@@ -125,6 +132,43 @@ def iteration(model, inputs: Callable, batch: int, steps: int, trained: int, cfg
     return t1 - t0, time.perf_counter() - t1
 
 
+def timed(model, inputs: Callable, args: argparse.Namespace, cfg: bool, sync: Callable, cuda: bool) -> dict:
+    """One warm-up iteration (its seconds: ``warmup_s``), then the medians of ``--repeats`` iterations and the peak
+    memory from after the warm-up."""
+    t0 = time.perf_counter()
+    iteration(model, inputs, args.batch, 1, 1, cfg, sync)
+    warmup = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [iteration(model, inputs, args.batch, args.steps, args.trained, cfg, sync) for _ in range(args.repeats)]
+    roll, train = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    return {"iteration_s": round(roll + train, 3), "rollout_s": round(roll, 3), "train_s": round(train, 3),
+            "warmup_s": round(warmup, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None}
+
+
+def rollout_output(model, inputs: Callable, batch: int) -> torch.Tensor:
+    """One no-grad forward's output on inputs drawn from a fixed seed (the same for the eager and compiled model)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model(**inputs(batch), return_dict=False)[0].float()
+
+
+def compiled_comparison(model, inputs: Callable, args: argparse.Namespace, cfg: bool, sync: Callable, cuda: bool,
+                        eager: dict) -> dict:
+    """``model`` compiled in place (``compile_blocks``) and timed like the eager one: the ``compiled_*`` fields."""
+    from diffrl.adapters.base import compile_blocks
+
+    before = rollout_output(model, inputs, args.batch)
+    compile_blocks(model, args.compile_backend)
+    after = rollout_output(model, inputs, args.batch)
+    t = timed(model, inputs, args, cfg, sync, cuda)
+    return {"compiled_iteration_s": t["iteration_s"], "compiled_rollout_s": t["rollout_s"],
+            "compiled_train_s": t["train_s"], "compile_warmup_s": t["warmup_s"], "compiled_peak_gib": t["peak_gib"],
+            "compiled_speedup": round(eager["iteration_s"] / t["iteration_s"], 3),
+            "compiled_rel_diff": float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))}
+
+
 def main() -> None:
     from peft import LoraConfig
 
@@ -135,6 +179,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time each model compiled (regional), side by side")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a smoke test of this script")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
@@ -156,15 +202,12 @@ def main() -> None:
                 p.requires_grad_(True)
         if args.checkpointing:
             model.enable_gradient_checkpointing()
-        iteration(model, inputs, args.batch, 1, 1, cfg, sync)  # warm-up
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = [iteration(model, inputs, args.batch, args.steps, args.trained, cfg, sync) for _ in range(args.repeats)]
-        roll, train = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-        peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None
-        rows.append({"model": name, "px": px, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-                     "iteration_s": round(roll + train, 3), "rollout_s": round(roll, 3), "train_s": round(train, 3),
-                     "peak_gib": peak})
+        eager = timed(model, inputs, args, cfg, sync, cuda)
+        row = {"model": name, "px": px, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+               **{k: v for k, v in eager.items() if k != "warmup_s"}}
+        if args.compile:
+            row.update(compiled_comparison(model, inputs, args, cfg, sync, cuda, eager))
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
         del model
         if cuda:
@@ -172,13 +215,16 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else "CPU (--tiny smoke test: not a measurement)"
     print(f"\n{device}; batch {args.batch}, {args.steps} rollout steps, {args.trained} trained steps, LoRA rank "
           f"{args.lora_rank}, gradient checkpointing {'on' if args.checkpointing else 'off'}\n")
-    print("| model | px | params (B) | s / RL iteration | rollout s | train s | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | px | params (B) | s / RL iteration | rollout s | train s | peak GiB |"
+          + (" compiled s / iteration | speedup | compile warm-up s | compiled rel. diff |" if args.compile else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if args.compile else ""))
     for r in rows:
         print(f"| {r['model']} | {r['px']} | {r['params_b']} | {r['iteration_s']} | {r['rollout_s']} | {r['train_s']} "
-              f"| {r['peak_gib']} |")
+              f"| {r['peak_gib']} |" + (f" {r['compiled_iteration_s']} | {r['compiled_speedup']}x | "
+                                        f"{r['compile_warmup_s']} | {r['compiled_rel_diff']:.1e} |" if args.compile
+                                        else ""))
     print(json.dumps({"device": device, "batch": args.batch, "steps": args.steps, "trained": args.trained,
-                      "results": rows}))
+                      "compile": args.compile_backend if args.compile else None, "results": rows}))
 
 
 if __name__ == "__main__":

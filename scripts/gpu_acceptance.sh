@@ -15,7 +15,9 @@
 # bench_throughput (scripts/bench_throughput.py) measures compiled (model.compile=true: regional torch.compile) against
 # eager on the GPU, on the embedded tiny model: the rollout and the clipped-ratio and DiffusionNFT updates (the first
 # call, compile time, is reported apart as warmup_s); it takes up to 120 s of the budget. The per-family comparison
-# at full size, compiled against eager, is not in the budget: bench_families runs eagerly, last, in the rest of it.
+# at full size, compiled against eager, is not in the budget: bench_families runs eagerly, last, in the rest of it;
+# with a budget to spare, ACCEPT_FAMILIES_ARGS="--batch 2 --steps 4 --trained 2 --repeats 1 --checkpointing --compile"
+# adds it (each model timed eager, then compiled in place as model.compile does: speedup, warm-up, output difference).
 # Python: $PYTHON, else python3 (dry-run: also the repo's .venv when python3 lacks diffrl).
 # Knobs (environment): ACCEPT_BUDGET_S; ACCEPT_THROUGHPUT_ARGS, ACCEPT_EXPLORE_ARGS, ACCEPT_FAMILIES_ARGS (replace
 # the benchmark flags below); ACCEPT_EXPLORE_COMPILE=1 (let bench_explore.py --gpu torch.compile; default: eager, to

@@ -8,14 +8,21 @@ import pytest
 from tests_helpers import ROOT, SUBPROCESS_ENV, load_script
 
 
-def test_family_benchmark_runs_on_tiny_configs():
+def test_family_benchmark_runs_on_tiny_configs_eager_and_compiled():
+    """Each family's blocks go through torch.compile (the aot_eager backend: traced forward and backward, no kernels
+    generated, so the outputs equal the eager ones) and are timed beside the eager model."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_families_gpu.py"), "--tiny", "--repeats", "1",
-                           "--steps", "2", "--trained", "1"], capture_output=True, text=True, env=SUBPROCESS_ENV,
-                          timeout=600)
+                           "--steps", "2", "--trained", "1", "--compile", "--compile-backend", "aot_eager"],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["model"] for r in result["results"]][::2] == ["SD3.5-Medium", "FLUX.1", "Wan 2.1 1.3B, 33 frames"]
-    assert all(r["iteration_s"] > 0 and r["train_s"] > 0 for r in result["results"])
+    assert result["compile"] == "aot_eager"
+    for r in result["results"]:
+        assert r["iteration_s"] > 0 and r["train_s"] > 0 and r["compiled_train_s"] > 0
+        assert r["compiled_speedup"] == pytest.approx(r["iteration_s"] / r["compiled_iteration_s"], rel=0.02)
+        assert r["compiled_rel_diff"] < 1e-6
+    assert result["results"][0]["compile_warmup_s"] > 10 * result["results"][0]["compiled_iteration_s"]  # traced
 
 
 def _strict_json(line: str) -> dict:

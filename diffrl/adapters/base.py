@@ -128,6 +128,18 @@ def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [b for child in module.children() if isinstance(child, torch.nn.ModuleList) for b in child]
 
 
+def compile_blocks(module: torch.nn.Module, backend: str = "inductor") -> None:
+    """Regional compilation of a denoiser: ``torch.compile`` (``backend``) of each of its ``repeated_blocks``, in
+    place, so parameter names, LoRA and checkpoints are unchanged. Blocks of one class share a compiled graph, so
+    compile time is that of one or two blocks, not of the whole model. Each grad mode, adapter state and batch size
+    is a graph of its own, more than dynamo's default limit of 8 per function, so the limit is raised to 64."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in repeated_blocks(module):
+        block.compile(backend=backend)
+
+
 class DiffusersAdapter:
     """A diffusers pipeline with a trainable LoRA on its denoiser (``self.transformer``); subclasses implement the
     family's model calls (``_encode`` and ``velocity``; ``latent_shape``, ``sigmas`` and ``decode`` where the
@@ -320,17 +332,10 @@ class DiffusersAdapter:
             module.enable_gradient_checkpointing()
 
     def compile(self) -> None:
-        """Regional compilation: ``torch.compile`` of each repeated block of every denoiser (``repeated_blocks``), in
-        place, so parameter names, LoRA and checkpoints are unchanged. Blocks of one class share a compiled graph, so
-        compile time is that of one or two blocks, not of the whole model; rollouts (no gradients) and updates
-        (gradients) run the same compiled forward. Each grad mode, adapter state (the reference pass switches the
-        LoRA off) and batch size is a graph of its own, more than dynamo's default limit of 8 per function."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        """Regional compilation of every denoiser (``compile_blocks``): rollouts (no gradients) and updates
+        (gradients) run the same compiled blocks; the reference pass (LoRA off) is a graph of its own."""
         for module in self.denoisers.values():
-            for block in repeated_blocks(module):
-                block.compile()
+            compile_blocks(module)
 
     def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The trained parameters as ``("denoiser.parameter.name", parameter)``, in ``trainable_parameters``' order."""
