@@ -86,6 +86,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from diffrl.distributed import setup, shutdown
     from diffrl.eval_report import evaluate, plan_columns, report_of, write_report
     from diffrl.inference import check_lora_path, load_for_inference
     from diffrl.suites import SUITES, SuiteOptions
@@ -105,9 +106,19 @@ def _eval_suite(args: argparse.Namespace) -> int:
     items = [item for item in suite.items() for _ in range(args.per_prompt)]
     for lora in {c.lora for c in columns if c.lora}:  # before any model loads
         check_lora_path(lora)
-    results, grids = evaluate(suite, items, columns, lambda lora: load_for_inference(args.model, lora,
-                                                                                     **_model_options(args)),
-                              args.seed, args.steps, args.guidance)
+    try:  # under torchrun / accelerate launch: this process's device, the process group joined
+        place = setup(args.device)
+    except ValueError as e:
+        print(f"diffrl: --device {args.device}: {e}", file=sys.stderr)
+        return 2
+    options = {**_model_options(args), "device": str(place.device)}
+    try:
+        results, grids = evaluate(suite, items, columns, lambda lora: load_for_inference(args.model, lora, **options),
+                                  args.seed, args.steps, args.guidance, rank=place.rank, world=place.world)
+    finally:
+        shutdown()
+    if place.rank != 0:  # it sampled its share; the first process scores and writes
+        return 0
     settings = {key: getattr(args, key) for key in ("suite", "model", "lora", "compare", "prompts", "n", "per_prompt",
                                                     "steps", "guidance", "seed", "family", "device", "dtype",
                                                     "reward", "reward_option", "detector")}
@@ -291,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", help="shapes[:<kinds>] or a prompt file; with --suite a .jsonl line may carry a "
                                       "'category' (reward), a 'text' target (ocr), or be GenEval metadata (geneval) "
                                       "(default: the suite's own; without --suite shapes:count,relation)")
-    ev.add_argument("--n", type=int, help="the first N prompts (default 64; geneval 96; ocr all 300)")
+    ev.add_argument("--n", "--num-prompts", dest="n", type=int,
+                    help="the first N prompts (default 64; geneval 96; ocr all 300); under torchrun write "
+                         "--num-prompts, since torchrun's own parser takes --n for one of its options")
     ev.add_argument("--per-prompt", type=int, default=1, help="--suite: samples per prompt, each from its own seed")
     ev.add_argument("--reward", action="append", default=[],
                     help="score with this reward's mean instead of the shapes verifier (repeatable with --suite "
@@ -359,6 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from diffrl.adapters.base import ModelLoadError
     from diffrl.checkpoint import CheckpointError
     from diffrl.config import ConfigError
+    from diffrl.distributed import FirstProcessError
     from diffrl.finite import NonFiniteError
     from diffrl.prompts import PromptError
     from diffrl.scoring import RewardError
@@ -380,7 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, PromptError, RewardError, FileNotFoundError, ModelLoadError, CheckpointError) as e:
+    except (ConfigError, PromptError, RewardError, FileNotFoundError, ModelLoadError, CheckpointError,
+            FirstProcessError) as e:
         print(f"diffrl: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from diffrl.config import ConfigError
 
+T = TypeVar("T")
 _OWNED: list[bool] = []
 """Non-empty while the process group is one ``setup`` created (``shutdown`` leaves only those)."""
 
@@ -160,6 +161,31 @@ def from_first_process(obj: Optional[dict] = None) -> dict:
            else torch.empty(int(size), dtype=torch.uint8, device=dev))
     dist.broadcast(buf, src=0)
     return json.loads(buf.cpu().numpy().tobytes().decode())
+
+
+class FirstProcessError(RuntimeError):
+    """What every other process raises when work the first process does alone (``first_process_runs``) failed."""
+
+
+def first_process_runs(fn: Callable[[], T]) -> Optional[T]:
+    """``fn()`` on the first process alone (scoring, writing); the others wait for it and get None. If ``fn``
+    raises, the first process raises it and every other process raises ``FirstProcessError`` with its first line,
+    so none waits on a collective the first process will not reach. ``fn()`` itself with one process."""
+    if not dist.is_initialized():
+        return fn()
+    out, failed = None, None
+    if dist.get_rank() == 0:
+        try:
+            out = fn()
+        except Exception as e:
+            failed = e
+    first_line = (str(failed).splitlines() or [type(failed).__name__])[0] if failed is not None else None
+    error = from_first_process({"error": first_line})["error"]
+    if failed is not None:
+        raise failed
+    if error is not None:
+        raise FirstProcessError(f"the first process failed: {error}")
+    return out
 
 
 def barrier() -> None:

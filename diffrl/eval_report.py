@@ -13,6 +13,7 @@ columns differ only in the model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from diffrl.inference import sample
+from diffrl.distributed import first_process_runs
+from diffrl.inference import sample_shared
 from diffrl.seeding import mix_seed
 from diffrl.suites import Item, Suite, summarize
 from diffrl.viz import image_grid, stills
@@ -56,10 +58,14 @@ def plan_columns(lora: Optional[str], compare: Sequence[str], base: bool = True)
 
 
 def evaluate(suite: Suite, items: Sequence[Item], columns: Sequence[Column], load: Callable[[Optional[str]], Any],
-             seed: int, steps: int, guidance: float, progress: Callable[[str], None] = print) -> tuple[dict, dict]:
+             seed: int, steps: int, guidance: float, progress: Callable[[str], None] = print, rank: int = 0,
+             world: int = 1) -> tuple[dict, dict]:
     """Sample and score ``items`` with every column's model (``load(lora) -> adapter``, called once per LoRA).
     Returns ``({label: {"lora", "overall", "categories", "wall_s", "samples"}}, {label: grid images [k, 3, H,
-    W]})``; the grid images are each category's first ``GRID_ROWS`` samples, in ``grid_indices`` order."""
+    W]})``; the grid images are each category's first ``GRID_ROWS`` samples, in ``grid_indices`` order. With
+    ``world`` processes, each samples its share of the items (``sample_shared``) and the first one (``rank`` 0)
+    scores them all (``first_process_runs``: a failure there stops every process); the others return ``({},
+    {})``."""
     prompts, picked = [it.prompt for it in items], grid_indices(items)
     results, grids, adapter, adapter_lora = {}, {}, None, None
     for col in columns:
@@ -67,9 +73,13 @@ def evaluate(suite: Suite, items: Sequence[Item], columns: Sequence[Column], loa
             adapter = None  # the previous model is freed before the next one loads
             adapter, adapter_lora = load(col.lora), col.lora
         start = time.perf_counter()
-        images = stills(sample(adapter, prompts, seed, steps, guidance, reference=col.reference))
+        images = stills(sample_shared(adapter, prompts, seed, steps, guidance, reference=col.reference, rank=rank,
+                                      world=world))
+        scores = first_process_runs(functools.partial(suite.score, images, items))
+        if rank != 0:
+            continue
         samples = [{"index": i, "prompt": it.prompt, "category": it.category, "seed": mix_seed(seed, i), **result}
-                   for i, (it, result) in enumerate(zip(items, suite.score(images, items)))]
+                   for i, (it, result) in enumerate(zip(items, scores))]
         wall_s = round(time.perf_counter() - start, 1)
         results[col.label] = {"lora": col.lora, **summarize(samples, suite.overall), "wall_s": wall_s,
                               "samples": samples}

@@ -26,19 +26,27 @@ from diffrl.adapters import load_adapter_class, shape_options
 from diffrl.adapters.base import meta_denoisers
 from diffrl.advantages import Trees, clip_advantages, fill_invalid, node_advantages, routed_advantages
 from diffrl.config import Config, ConfigError, to_dict
-from diffrl.distributed import first_process, from_first_process, gather_rows, mean_over_processes, setup, shutdown
+from diffrl.distributed import (
+    first_process,
+    first_process_runs,
+    from_first_process,
+    gather_rows,
+    mean_over_processes,
+    setup,
+    shutdown,
+)
 from diffrl.evaluation import evaluator_for
 from diffrl.explore import LowPrecisionPolicy, kept_leaves, preview, restrict
 from diffrl.finite import NonFiniteError, check_finite
 from diffrl.guards import Guards
 from diffrl.guards import apply as apply_guards
 from diffrl.hacking import Alarm, export_step
-from diffrl.inference import EVAL_SEED, sample
+from diffrl.inference import EVAL_SEED, sample_shared
 from diffrl.model_card import write_card
 from diffrl.prompts import PromptStream, eval_prompts
 from diffrl.rollout import concat_rollouts, keep_paths, trained_edges, tree_rollout
 from diffrl.schedule import mix_window_start, subsample_steps, window_mask
-from diffrl.scoring import RewardError, check_valid, score_batch, score_samples, submit
+from diffrl.scoring import check_valid, score_batch, score_samples, submit
 from diffrl.seeding import mix_seed
 from diffrl.selection import mean_spearman, select_candidates
 from diffrl.state import Batch, Run, Swap, TrainState
@@ -48,8 +56,6 @@ from diffrl.viz import cat_media, image_grid, stills, training_curves
 
 log = logging.getLogger("diffrl")
 GRID_PROMPTS = 8
-_EVAL_FAILED = "evaluation_failed"
-"""The key under which the first process tells the others that its evaluation raised (``evaluate``)."""
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -411,20 +417,10 @@ def _train_mask(run: Run, batch: Batch, step: int) -> Tensor:
 
 def sample_images(run: Run, prompts: list[str], seed: int, reference: bool = False) -> Union[Tensor, dict]:
     """The evaluation sampler: deterministic, ``sampler.eval_steps`` steps, the rollout CFG. With several processes
-    (DDP or FSDP), every process samples a contiguous share of the prompts (padded to equal shares: sharded, each
-    forward is a collective) and the media are gathered, so each process gets what one process would have sampled
-    alone, N times sooner."""
+    (DDP or FSDP), every process samples its share of the prompts and gets all the media (``sample_shared``)."""
     s = run.cfg.sampler
-    if run.world == 1:
-        return sample(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.minibatch, reference)
-    n, share = len(prompts), math.ceil(len(prompts) / run.world)
-    first = run.rank * share
-    mine = prompts[first : first + share]
-    mine = mine + [prompts[-1]] * (share - len(mine))
-    media = sample(run.adapter, mine, seed, s.eval_steps, s.guidance_scale, run.minibatch, reference, first=first)
-    if isinstance(media, dict):
-        return {k: gather_rows(v)[:n] for k, v in media.items()}
-    return gather_rows(media)[:n]
+    return sample_shared(run.adapter, prompts, seed, s.eval_steps, s.guidance_scale, run.minibatch, reference,
+                         rank=run.rank, world=run.world)
 
 
 def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
@@ -434,19 +430,14 @@ def evaluate(run: Run, reference: bool = False) -> dict[str, float]:
     one scores them all, once (a remote evaluator is not called N times), and every process gets its result."""
     prompts = run.eval_prompts * run.cfg.data.eval_seeds  # sample i has its own seed, so repeats are new samples
     media = sample_images(run, prompts, seed=EVAL_SEED, reference=reference)
-    result: dict = {}
-    if run.rank == 0:
-        try:
-            result = {k: float(v) for k, v in run.evaluator(media, prompts).items()}
-            if run.guards is not None:
-                result.update(Guards.metrics(run.guards.score(media, prompts, run.cfg.train.reward_timeout_s)))
-        except Exception as e:
-            from_first_process({_EVAL_FAILED: str(e)})
-            raise
-    result = from_first_process(result)
-    if _EVAL_FAILED in result:
-        raise RewardError(f"the first process's evaluation failed: {result[_EVAL_FAILED]}")
-    return result
+
+    def score() -> dict[str, float]:
+        result = {k: float(v) for k, v in run.evaluator(media, prompts).items()}
+        if run.guards is not None:
+            result.update(Guards.metrics(run.guards.score(media, prompts, run.cfg.train.reward_timeout_s)))
+        return result
+
+    return from_first_process(first_process_runs(score))
 
 
 def grid_path(run: Run, step: int) -> Path:

@@ -35,56 +35,57 @@ def test_two_processes_give_the_advantages_and_evaluations_of_one(tmp_path):
         torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
 
 
-def _broadcast_in(rank: int, store_path: str, out_path: str) -> None:
+def _first_process_in(rank: int, store_path: str, out_path: str) -> None:
     import json as json_
 
     import torch.distributed as dist
 
-    from diffrl.distributed import from_first_process
+    from diffrl.distributed import FirstProcessError, first_process_runs, from_first_process
+
+    def bad_reward():
+        raise ValueError("reward 'x' returned NaN\nsecond line")
 
     dist.init_process_group("gloo", rank=rank, world_size=2, store=dist.FileStore(store_path, 2))
-    got = from_first_process({"accuracy": 0.25, "guard_x": float("nan"), "kind": "é"} if rank == 0 else {"no": 1})
+    got = {"sent": from_first_process({"accuracy": 0.25, "guard_x": float("nan"), "kind": "é"} if rank == 0
+                                      else {"no": 1}),
+           "ran": first_process_runs(lambda: {"scored_by": rank})}
+    try:
+        first_process_runs(bad_reward)
+    except (ValueError, FirstProcessError) as e:
+        got["raised"] = [type(e).__name__, str(e)]
     Path(f"{out_path}.{rank}").write_text(json_.dumps(got))
     dist.destroy_process_group()
 
 
-def test_every_process_gets_the_first_processs_dict(tmp_path):
+def test_the_first_processs_work_and_its_failure_reach_every_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_broadcast_in, args=(str(tmp_path / "store"), str(tmp_path / "got")), nprocs=2,
+    mp.start_processes(_first_process_in, args=(str(tmp_path / "store"), str(tmp_path / "got")), nprocs=2,
                        start_method="spawn")
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"got.{rank}").read_text())
-        assert got["accuracy"] == 0.25 and got["kind"] == "é" and got["guard_x"] != got["guard_x"] and "no" not in got
+    got = [json.loads((tmp_path / f"got.{rank}").read_text()) for rank in (0, 1)]
+    for g in got:  # the first process's dict, JSON over a broadcast
+        sent = g["sent"]
+        assert sent["accuracy"] == 0.25 and sent["kind"] == "é" and sent["guard_x"] != sent["guard_x"]
+        assert "no" not in sent
+    assert got[0]["ran"] == {"scored_by": 0} and got[1]["ran"] is None  # only the first process ran it
+    assert got[0]["raised"] == ["ValueError", "reward 'x' returned NaN\nsecond line"]
+    assert got[1]["raised"] == ["FirstProcessError", "the first process failed: reward 'x' returned NaN"]
 
 
 @pytest.mark.parametrize("rank, first, mine", [(0, 0, ["a", "b", "c"]), (1, 3, ["d", "e", "e"])])
 def test_each_ddp_process_samples_its_share_of_the_evaluation(monkeypatch, rank, first, mine):
     from types import SimpleNamespace
 
-    from diffrl import trainer
+    from diffrl import inference, trainer
 
     calls = []
 
-    def sample(adapter, prompts, seed, steps, scale, minibatch, reference, first=0):
+    def sample(adapter, prompts, seed, steps, scale, max_batch, reference, first=0):
         calls.append((prompts, first))
         return torch.arange(first, first + len(prompts)).float()[:, None]
 
-    monkeypatch.setattr(trainer, "sample", sample)
+    monkeypatch.setattr(inference, "sample", sample)
     run = SimpleNamespace(world=2, rank=rank, adapter=SimpleNamespace(sharded=False), minibatch=8,
                           cfg=SimpleNamespace(sampler=SimpleNamespace(eval_steps=4, guidance_scale=1.0)))
     trainer.sample_images(run, list("abcde"), seed=0)
     assert calls == [(mine, first)]
-
-
-def test_other_processes_stop_in_one_sentence_when_the_first_ones_evaluation_raises(monkeypatch):
-    from types import SimpleNamespace
-
-    from diffrl import trainer
-    from diffrl.scoring import RewardError
-
-    monkeypatch.setattr(trainer, "sample_images", lambda run, prompts, seed, reference=False: None)
-    monkeypatch.setattr(trainer, "from_first_process", lambda obj=None: {trainer._EVAL_FAILED: "reward 'x' raised"})
-    run = SimpleNamespace(rank=1, eval_prompts=["a"], cfg=SimpleNamespace(data=SimpleNamespace(eval_seeds=1)))
-    with pytest.raises(RewardError, match="first process's evaluation failed: reward 'x' raised"):
-        trainer.evaluate(run)

@@ -9,7 +9,7 @@ import pytest
 from diffrl.cli import build_parser, main
 from diffrl.eval_report import Column, plan_columns
 from rewards.ocr import target_text
-from tests_helpers import MODEL, ROOT, random_lora
+from tests_helpers import MODEL, ROOT, SUBPROCESS_ENV, random_lora
 
 CHEAP = ["--model", MODEL, "--steps", "2"]
 
@@ -142,3 +142,20 @@ def test_the_ocr_suite_file_is_the_script_s_output_held_out_and_balanced(tmp_pat
         size = len(r["text"].replace(" ", ""))
         assert target_text(r["prompt"]) == r["text"] and r["text"].replace(" ", "").lower() not in train
         assert r["category"] == ("short" if size <= 5 else "medium" if size <= 10 else "long") and size <= 20
+
+
+@pytest.mark.slow
+def test_two_processes_split_a_suite_and_report_what_one_process_reports(tmp_path, capsys):
+    """Under torchrun each process samples its share of the items (5 over 2: the last one padded); the first one
+    scores them all and writes the report, sample for sample the one-process report."""
+    code, _ = run(capsys, "--suite", "shapes", *CHEAP, "--n", "5", "--out", str(tmp_path / "one"))
+    assert code == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "diffrl", "eval", "--suite", "shapes", *CHEAP, "--num-prompts", "5", "--out",
+                           str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1  # the first process alone writes and prints
+    one, two = (json.loads((tmp_path / r / "report.json").read_text())["results"]["base"] for r in ("one", "two"))
+    assert two["samples"] == one["samples"] and len(one["samples"]) == 5
+    assert two["overall"] == one["overall"]
