@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: the suite's own; without --suite shapes:count,relation)")
     ev.add_argument("--n", "--num-prompts", dest="n", type=int,
                     help="the first N prompts (default 64; geneval 96; ocr all 300); under torchrun write "
-                         "--num-prompts, since torchrun's own parser takes --n for one of its options")
+                         "--num-prompts, since the launchers' own parsers take --n for one of their options")
     ev.add_argument("--per-prompt", type=int, default=1, help="--suite: samples per prompt, each from its own seed")
     ev.add_argument("--reward", action="append", default=[],
                     help="score with this reward's mean instead of the shapes verifier (repeatable with --suite "
