@@ -346,17 +346,17 @@ def test_reward_routing_to_a_stream_the_model_lacks_is_one_sentence(tmp_path):
 def test_held_out_evaluation_draws_eval_seeds_samples_per_prompt(tmp_path, monkeypatch):
     """data.eval_seeds = 3: every held-out prompt is sampled three times, each from its own seed (the sampler gives
     sample i the seed mix_seed(999, i)), so the accuracy is over eval_size x 3 samples; 0 is a config error."""
-    from diffrl import trainer
+    from diffrl import inference, trainer
 
     run = trainer.build(tiny_cfg("data.eval_seeds=3"), tmp_path)
     seen = []
-    real = trainer.sample
+    real = inference.sample
 
     def spy(adapter, prompts, seed, *args, **kwargs):
         seen.append(list(prompts))
         return real(adapter, prompts, seed, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "sample", spy)
+    monkeypatch.setattr(inference, "sample", spy)
     trainer.evaluate(run)
     assert seen == [run.eval_prompts * 3] and len(run.eval_prompts) == 4
     with pytest.raises(Exception, match=r"'data.eval_seeds' must be a finite number in \[1, 1000\]"):
@@ -381,11 +381,11 @@ def test_exclude_eval_false_trains_on_the_evaluation_prompts(tmp_path):
 def test_held_out_prompt_files_in_the_grammar_are_scored_by_the_strict_verifier(tmp_path, monkeypatch):
     """A held-out prompt file whose every line is a shapes-grammar prompt is scored like the generated ones (the
     verifier's strict score, per kind); one line outside the grammar and the first reward's mean is used instead."""
-    from diffrl import trainer
+    from diffrl import inference, trainer
     from rewards.shapes import shapes_reward
 
     images = torch.rand(2, 3, 32, 32)
-    monkeypatch.setattr(trainer, "sample", lambda adapter, prompts, *a, **k: images[: len(prompts)])
+    monkeypatch.setattr(inference, "sample", lambda adapter, prompts, *a, **k: images[: len(prompts)])
     two = ("data.eval_size=2", "data.eval_seeds=1", "data.exclude_eval=false")
     grammar = tmp_path / "grammar.txt"
     grammar.write_text("two red circles\na blue square above a green triangle\n")
